@@ -1,0 +1,7 @@
+"""Paper variant 'top2_ir_fr' on the default tiny model (see configs/paper.py)."""
+
+from configs import paper
+
+
+def get_config():
+  return paper.variant_config("top2_ir_fr")

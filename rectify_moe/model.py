@@ -1,0 +1,226 @@
+"""Decoder-only Transformer language model with MoE feed-forward layers.
+
+Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> residual; RMSNorm -> FFN -> residual.
+The FFN is an `MoEBlock` in every `moe_every`-th layer (layers i with `i % moe_every == moe_every - 1`,
+i.e. every other layer for 2, as in the paper) and a dense SwiGLU elsewhere. Dense parameters are
+replicated; the batch is sharded over (data, expert); expert weights over `expert`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rectify_moe import moe as moe_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Transformer hyper-parameters.
+
+  Attributes:
+    vocab_size: token vocabulary (the byte tokenizer has 259).
+    num_layers: Transformer blocks.
+    d_model: model width D.
+    num_heads: attention heads (d_model % num_heads == 0).
+    d_ff: hidden width of the dense SwiGLU FFN layers.
+    moe_every: an MoE FFN in every moe_every-th layer (0 = no MoE layer).
+    dtype: activation dtype, "float32" | "bfloat16" (parameters stay float32).
+    remat: rematerialise each block's activations in the backward pass (memory for speed).
+    rope_base: RoPE frequency base.
+    tie_embeddings: share the input embedding with the output projection.
+  """
+  vocab_size: int = 259
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  d_ff: int = 512
+  moe_every: int = 2
+  dtype: str = "float32"
+  remat: bool = False
+  rope_base: float = 10000.0
+  tie_embeddings: bool = False
+
+  def is_moe_layer(self, index: int) -> bool:
+    return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  def validate(self) -> None:
+    def bad(msg):
+      raise ValueError(f"Invalid model config: {msg}")
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff"):
+      if getattr(self, name) < 1:
+        bad(f"model.{name}={getattr(self, name)} must be >= 1.")
+    if self.d_model % self.num_heads:
+      bad(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}.")
+    if (self.d_model // self.num_heads) % 2:
+      bad(f"head dim {self.d_model // self.num_heads} must be even for RoPE; change d_model or num_heads.")
+    if self.moe_every < 0:
+      bad(f"model.moe_every={self.moe_every} must be >= 0 (0 = dense model).")
+    if self.dtype not in moe_lib.DTYPES:
+      bad(f"model.dtype={self.dtype!r}; use one of {list(moe_lib.DTYPES)}.")
+
+  @classmethod
+  def from_dict(cls, values: Any) -> "ModelConfig":
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config field(s) {unknown}; valid fields: {sorted(known)}.")
+    return cls(**values)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis; statistics in float32, output in the input dtype."""
+
+  def __init__(self, dim: int, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...]).astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding (rotate-half form).
+
+  Args:
+    x: [B, T, H, Dh].
+    positions: int32[T].
+    base: frequency base.
+
+  Returns:
+    [B, T, H, Dh] in x.dtype.
+  """
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, half]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with RoPE."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.num_heads
+    self.num_heads, self.rope_base = h, cfg.rope_base
+    self.dtype = moe_lib.DTYPES[cfg.dtype]
+    init = nnx.initializers.lecun_normal()
+    self.wq = nnx.Param(init(rngs.params(), (d, d)))
+    self.wk = nnx.Param(init(rngs.params(), (d, d)))
+    self.wv = nnx.Param(init(rngs.params(), (d, d)))
+    self.wo = nnx.Param(init(rngs.params(), (d, d)))
+
+  def __call__(self, x: Array) -> Array:
+    batch, seq, width = x.shape
+    heads, head_dim = self.num_heads, width // self.num_heads
+    positions = jnp.arange(seq, dtype=jnp.int32)
+
+    def project(w):
+      # Shape: [B, T, H, Dh] = einsum("btd,dk->btk") reshaped
+      return jnp.einsum("btd,dk->btk", x, w[...].astype(self.dtype)).reshape(batch, seq, heads, head_dim)
+
+    q = apply_rope(project(self.wq), positions, self.rope_base)
+    k = apply_rope(project(self.wk), positions, self.rope_base)
+    v = project(self.wv)
+    # Shape: [B, H, T, T] = einsum("bqhd,bkhd->bhqk")
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    # Shape: [B, T, H, Dh] = einsum("bhqk,bkhd->bqhd")
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, width)
+    # Shape: [B, T, D] = einsum("btk,kd->btd")
+    return jnp.einsum("btk,kd->btd", out, self.wo[...].astype(self.dtype))
+
+
+class DenseFFN(nnx.Module):
+  """SwiGLU feed-forward: `(silu(x W_gate) * (x W_up)) W_down`."""
+
+  def __init__(self, d_model: int, d_ff: int, dtype: str, *, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.w_gate = nnx.Param(init(rngs.params(), (d_model, d_ff)))
+    self.w_up = nnx.Param(init(rngs.params(), (d_model, d_ff)))
+    self.w_down = nnx.Param(init(rngs.params(), (d_ff, d_model)))
+    self.dtype = moe_lib.DTYPES[dtype]
+
+  def __call__(self, x: Array) -> Array:
+    cast = lambda w: w[...].astype(self.dtype)
+    # Shape: [B, T, F] = einsum("btd,df->btf")
+    hidden = jax.nn.silu(jnp.einsum("btd,df->btf", x, cast(self.w_gate))) * jnp.einsum(
+        "btd,df->btf", x, cast(self.w_up))
+    # Shape: [B, T, D] = einsum("btf,fd->btd")
+    return jnp.einsum("btf,fd->btd", hidden, cast(self.w_down))
+
+
+class Block(nnx.Module):
+  """One pre-norm Transformer block; the FFN is an MoEBlock or a DenseFFN."""
+
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model)
+    self.attn = CausalSelfAttention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model)
+    self.is_moe = moe_cfg is not None
+    if self.is_moe:
+      self.ffn = moe_lib.MoEBlock(moe_cfg, d_model=cfg.d_model, rngs=rngs)
+    else:
+      self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs=rngs)
+
+  def __call__(self, x: Array, token_mask: Array, train: bool) -> tuple[Array, Optional[dict[str, Array]]]:
+    x = x + self.attn(self.attn_norm(x))
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      out, metrics = self.ffn(h, token_mask, train=train)
+    else:
+      out, metrics = self.ffn(h), None
+    return x + out.astype(x.dtype), metrics
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only LM: tokens int32[B, T] -> logits float32[B, T, V] and per-MoE-layer routing metrics."""
+
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs):
+    cfg.validate()
+    if cfg.num_moe_layers and moe_cfg is None:
+      raise ValueError("model.moe_every > 0 needs a moe config.")
+    self.cfg = cfg
+    self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
+    self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model)
+    if not cfg.tie_embeddings:
+      self.unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size)))
+
+  def __call__(self, tokens: Array, token_mask: Optional[Array] = None, *, train: bool = True
+               ) -> tuple[Array, list[dict[str, Array]]]:
+    """Args: tokens int32[B, T]; token_mask bool[B, T] (False = padding). Returns (logits, metrics per MoE layer)."""
+    dtype = moe_lib.DTYPES[self.cfg.dtype]
+    if token_mask is None:
+      token_mask = jnp.ones(tokens.shape, bool)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    layer_metrics = []
+    for block in self.blocks:
+      if self.cfg.remat:
+        x, metrics = nnx.remat(lambda blk, h, m: blk(h, m, train))(block, x, token_mask)
+      else:
+        x, metrics = block(x, token_mask, train)
+      if metrics is not None:
+        layer_metrics.append(metrics)
+    x = self.final_norm(x)
+    unembed = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    # Shape: [B, T, V] = einsum("btd,dv->btv")
+    logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+    return logits, layer_metrics
