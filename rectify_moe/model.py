@@ -169,21 +169,24 @@ class DenseFFN(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm Transformer block; the FFN is an MoEBlock or a DenseFFN."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs,
+               hash_table=None):
     self.attn_norm = RMSNorm(cfg.d_model)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model)
     self.is_moe = moe_cfg is not None
     if self.is_moe:
-      self.ffn = moe_lib.MoEBlock(moe_cfg, d_model=cfg.d_model, rngs=rngs)
+      self.ffn = moe_lib.MoEBlock(moe_cfg, d_model=cfg.d_model, rngs=rngs, vocab_size=cfg.vocab_size,
+                                  hash_table=hash_table)
     else:
       self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs=rngs)
 
-  def __call__(self, x: Array, token_mask: Array, train: bool) -> tuple[Array, Optional[dict[str, Array]]]:
+  def __call__(self, x: Array, token_mask: Array, train: bool, tokens: Array, step: Array, rng: Array
+               ) -> tuple[Array, Optional[dict[str, Array]]]:
     x = x + self.attn(self.attn_norm(x))
     h = self.ffn_norm(x)
     if self.is_moe:
-      out, metrics = self.ffn(h, token_mask, train=train)
+      out, metrics = self.ffn(h, token_mask, train=train, token_ids=tokens, step=step, rng=rng)
     else:
       out, metrics = self.ffn(h), None
     return x + out.astype(x.dtype), metrics
@@ -192,31 +195,49 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
   """Decoder-only LM: tokens int32[B, T] -> logits float32[B, T, V] and per-MoE-layer routing metrics."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs,
+               hash_table=None):
+    """hash_table: optional int32[V] token -> expert table for moe.router='hash' (default: random balanced)."""
     cfg.validate()
     if cfg.num_moe_layers and moe_cfg is None:
       raise ValueError("model.moe_every > 0 needs a moe config.")
     self.cfg = cfg
     self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
-    self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs, hash_table=hash_table)
                             for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model)
     if not cfg.tie_embeddings:
       self.unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size)))
 
-  def __call__(self, tokens: Array, token_mask: Optional[Array] = None, *, train: bool = True
+  def __call__(self, tokens: Array, token_mask: Optional[Array] = None, *, train: bool = True,
+               step: Optional[Array] = None, rng: Optional[Array] = None
                ) -> tuple[Array, list[dict[str, Array]]]:
-    """Args: tokens int32[B, T]; token_mask bool[B, T] (False = padding). Returns (logits, metrics per MoE layer)."""
+    """Runs the LM.
+
+    Args:
+      tokens: int32[B, T] input token ids.
+      token_mask: bool[B, T] (False = padding).
+      train: training mode (training capacity factor, Gating Dropout, StableMoE stage by step).
+      step: int32 scalar training step (StableMoE).
+      rng: replicated PRNG key of this step; layer i uses fold_in(rng, i) (Gating Dropout).
+
+    Returns:
+      (logits float32[B, T, V], one metrics dict per MoE layer).
+    """
     dtype = moe_lib.DTYPES[self.cfg.dtype]
     if token_mask is None:
       token_mask = jnp.ones(tokens.shape, bool)
+    step = jnp.zeros((), jnp.int32) if step is None else step
+    rng = jax.random.key(0) if rng is None else rng
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     layer_metrics = []
-    for block in self.blocks:
+    for index, block in enumerate(self.blocks):
+      layer_rng = jax.random.fold_in(rng, index)
       if self.cfg.remat:
-        x, metrics = nnx.remat(lambda blk, h, m: blk(h, m, train))(block, x, token_mask)
+        x, metrics = nnx.remat(lambda blk, h, m, s, r: blk(h, m, train, tokens, s, r))(
+            block, x, token_mask, step, layer_rng)
       else:
-        x, metrics = block(x, token_mask, train)
+        x, metrics = block(x, token_mask, train, tokens, step, layer_rng)
       if metrics is not None:
         layer_metrics.append(metrics)
     x = self.final_norm(x)

@@ -23,10 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rectify_moe import routing, sharding
+from rectify_moe import hash_routing, routing, sharding, stablemoe
 
 Array = jax.Array
 
+ROUTERS = ("top_k", "stablemoe", "hash")
+GATING_DROPOUT_MODES = ("gate_drop", "gate_expert_drop")
+GATING_DROPOUT_WEIGHTS = ("one", "prob")
 ACTIVATIONS = ("swiglu", "gelu")
 DISPATCH_IMPLS = ("einsum", "index")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,6 +60,18 @@ class MoEConfig:
     load_balance_all_k: count all k choices in the load-balance loss (default: first choice).
     router_init_std: std of the normal init of the router kernel.
     eps: floor of normalizers.
+    router: "top_k" (learned softmax router; vanilla and Rectify variants), "stablemoe" (greedy top-1 by
+      centroid scores, sigmoid gate, distilled token-id router from `stablemoe_switch_step` on) or "hash"
+      (fixed token-id -> expert table, no learned router).
+    gating_dropout: Gating Dropout rate p (top_k router, training only): with probability p per step and
+      layer, one decision shared by every device, tokens go to the best expert on their own device and
+      the all-to-all is skipped.
+    gating_dropout_mode: "gate_drop" | "gate_expert_drop" (a dropped step also skips the expert).
+    gating_dropout_weight: combine weight of the local expert on a dropped step: "one" | "prob".
+    stablemoe_switch_step: first step of StableMoE stage 2 (distilled router, frozen).
+    stablemoe_routing_dim: width r of the distilled router's token embedding.
+    stablemoe_distill_weight: weight of the distillation loss (0.3 as the official code).
+    hash_table: "random" (random balanced) | "balanced" (frequency-balanced on the training data).
   """
   num_experts: int = 8
   expert_dim: int = 256
@@ -78,6 +93,14 @@ class MoEConfig:
   load_balance_all_k: bool = False
   router_init_std: float = 0.02
   eps: float = 1e-9
+  router: str = "top_k"
+  gating_dropout: float = 0.0
+  gating_dropout_mode: str = "gate_drop"
+  gating_dropout_weight: str = "one"
+  stablemoe_switch_step: int = 1000
+  stablemoe_routing_dim: int = 50
+  stablemoe_distill_weight: float = 0.3
+  hash_table: str = "random"
 
   @property
   def num_choices(self) -> int:
@@ -101,7 +124,9 @@ class MoEConfig:
       bad(f"moe.fill_in needs top_k + 1 <= num_experts (top_k={self.top_k}, num_experts={self.num_experts}).")
     for name, allowed in (("priority", routing.PRIORITIES), ("fill_in_priority", routing.FILL_IN_PRIORITIES),
                           ("combine", routing.COMBINE_MODES), ("activation", ACTIVATIONS),
-                          ("dispatch", DISPATCH_IMPLS), ("dtype", tuple(DTYPES))):
+                          ("dispatch", DISPATCH_IMPLS), ("dtype", tuple(DTYPES)), ("router", ROUTERS),
+                          ("gating_dropout_mode", GATING_DROPOUT_MODES),
+                          ("gating_dropout_weight", GATING_DROPOUT_WEIGHTS)):
       if getattr(self, name) not in allowed:
         bad(f"moe.{name}={getattr(self, name)!r}; use one of {list(allowed)}.")
     if self.ir_mode is not None and self.ir_mode not in routing.IR_MODES:
@@ -118,6 +143,16 @@ class MoEConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         bad(f"moe.{name}={value} must be > 0.")
+    if not 0.0 <= self.gating_dropout < 1.0:
+      bad(f"moe.gating_dropout={self.gating_dropout} must be in [0, 1).")
+    if self.router != "top_k":
+      if self.top_k != 1 or self.fill_in or self.ir_mode is not None or self.gating_dropout > 0:
+        bad(f"moe.router={self.router!r} routes greedily to one expert: set top_k=1, fill_in=False, "
+            "ir_mode=None and gating_dropout=0 (rectification and gating dropout apply to router='top_k').")
+    if self.router == "stablemoe" and self.stablemoe_routing_dim < 1:
+      bad(f"moe.stablemoe_routing_dim={self.stablemoe_routing_dim} must be >= 1.")
+    if self.router == "hash" and self.hash_table not in hash_routing.HASH_TABLES:
+      bad(f"moe.hash_table={self.hash_table!r}; use one of {list(hash_routing.HASH_TABLES)}.")
     self.capacity(True), self.capacity(False)  # raises if C < 1
 
   @classmethod
@@ -224,10 +259,10 @@ def expert_ffn(buffers: Array, weights: dict[str, Array], activation: str) -> Ar
 # ---------------------------------------------------------------------------------------------------------
 # The per-device body.
 # ---------------------------------------------------------------------------------------------------------
-def _metric_sums(table: routing.RoutingTable, ir: Optional[routing.IRTable]) -> dict[str, Array]:
+def _metric_sums(table: routing.RoutingTable) -> dict[str, Array]:
   """Per-device counts that are psum-reduced into global rates."""
   stats = table.stats
-  sums = {
+  return {
       "tokens": jnp.sum(stats.num_tokens),
       "dropped_choices": jnp.sum(stats.drop_rate * stats.num_tokens * table.top_k),
       "unrouted_tokens": jnp.sum(stats.unrouted_rate * stats.num_tokens),
@@ -235,31 +270,117 @@ def _metric_sums(table: routing.RoutingTable, ir: Optional[routing.IRTable]) -> 
       "fill_in_slots": jnp.sum(stats.fill_in_slots),
       "expert_demand": jnp.sum(stats.expert_demand, axis=0),
       "expert_load": jnp.sum(stats.expert_load, axis=0),
-      "ir_selected": jnp.zeros((), jnp.float32),
-      "ir_rectified": jnp.zeros((), jnp.float32),
-      "ir_overflow": jnp.zeros((), jnp.float32),
   }
-  if ir is not None:
-    sums["ir_selected"] = jnp.sum(ir.selected, dtype=jnp.float32)
-    sums["ir_rectified"] = jnp.sum(ir.num_rectified).astype(jnp.float32)
-    sums["ir_overflow"] = jnp.sum(ir.overflow).astype(jnp.float32)
-  return sums
 
 
-def moe_shard_body(x: Array, token_mask: Array, router_kernel: Array, expert_weights: dict[str, Array], *,
+def _ir_sums(ir: Optional[routing.IRTable]) -> dict[str, Array]:
+  zero = jnp.zeros((), jnp.float32)
+  if ir is None:
+    return {"ir_selected": zero, "ir_rectified": zero, "ir_overflow": zero}
+  return {"ir_selected": jnp.sum(ir.selected, dtype=jnp.float32),
+          "ir_rectified": jnp.sum(ir.num_rectified).astype(jnp.float32),
+          "ir_overflow": jnp.sum(ir.overflow).astype(jnp.float32)}
+
+
+def _global_sum(value: Array, axes) -> Array:
+  return jax.lax.psum(value, axes) if axes else value
+
+
+def route_shard(xg: Array, mask: Array, router_params: dict[str, Array], *, cfg: MoEConfig, train: bool,
+                capacity: int, token_ids: Optional[Array], step: Optional[Array], reduce_axes=None
+                ) -> tuple[Array, routing.RoutingTable, dict[str, Array]]:
+  """The router of one shard: probabilities, routing table and float32 losses.
+
+  Args:
+    xg: [G, S, D] tokens.
+    mask: bool[G, S].
+    router_params: "kernel" float32[D, E] (top_k, stablemoe); "distill_embed" [V, r] and
+      "distill_centroids" [E, r] (stablemoe); "table" int32[V] (hash).
+    cfg, train, capacity: block config, mode and C.
+    token_ids: int32[G, S] input token ids (stablemoe, hash).
+    step: int32 scalar training step (stablemoe stage switch).
+    reduce_axes: mesh axes over which batch-global quantities are summed (StableMoE's |A_i|), or None.
+
+  Returns:
+    (probs float32[G, S, E] used for local choices, the RoutingTable, losses {"aux_loss", "z_loss",
+    "distill_loss"}; losses are per-device values whose pmean over the mesh is the global loss).
+  """
+  zero = jnp.zeros((), jnp.float32)
+  num_experts = cfg.num_experts
+  if cfg.router == "top_k":
+    # Shape: [G, S, E] = einsum("gsd,de->gse")
+    logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router_params["kernel"].astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    table = routing.route_top_k(probs, top_k=cfg.top_k, capacity=capacity, priority=cfg.priority,
+                                fill_in=cfg.fill_in, fill_in_priority=cfg.fill_in_priority,
+                                combine=cfg.combine, straight_through=cfg.straight_through,
+                                token_mask=mask, eps=cfg.eps)
+    losses = {"aux_loss": routing.load_balance_loss(probs, table.expert_index[..., :cfg.top_k], mask,
+                                                    all_k=cfg.load_balance_all_k),
+              "z_loss": routing.router_z_loss(logits, mask), "distill_loss": zero}
+    return probs, table, losses
+
+  if cfg.router == "hash":
+    choice = router_params["table"][token_ids]
+    onehot = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+    table = routing.route_top_k(onehot, top_k=1, capacity=capacity, priority="position", combine="probs",
+                                token_mask=mask)  # weight 1 for accepted tokens: no gate
+    return onehot, table, {"aux_loss": zero, "z_loss": zero, "distill_loss": zero}
+
+  # StableMoE.
+  # Shape: [G, S, E] = einsum("gsd,de->gse")
+  scores = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router_params["kernel"].astype(jnp.float32))
+  # Shape: [G, S, E] = einsum("gsr,er->gse")
+  distilled = jnp.einsum("gsr,er->gse", router_params["distill_embed"][token_ids].astype(jnp.float32),
+                         router_params["distill_centroids"].astype(jnp.float32))
+  stage2 = (step >= cfg.stablemoe_switch_step) if train else jnp.asarray(True)
+  route_scores = jax.lax.stop_gradient(jnp.where(stage2, distilled, scores))
+  choice = jnp.argmax(route_scores, axis=-1)
+  onehot = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+  table = routing.route_top_k(onehot, top_k=1, capacity=capacity, priority="position", combine="probs",
+                              token_mask=mask)
+  # The gate is sigmoid of the ORIGINAL score of the chosen expert (it keeps learning in stage 2).
+  gate = jax.nn.sigmoid(jnp.take_along_axis(scores, choice[..., None], axis=-1))  # [G, S, 1]
+  weight = gate * table.accepted
+  table = table.replace(combine_weight=weight, combine=table.dispatch * weight[..., None])
+
+  teacher = jnp.argmax(jax.lax.stop_gradient(scores), axis=-1)
+  validf = mask.astype(jnp.float32)
+  counts = _global_sum(jnp.einsum("gse,gs->e", jax.nn.one_hot(teacher, num_experts), validf), reduce_axes)
+  tokens = _global_sum(jnp.sum(validf), reduce_axes)
+  devices = _global_sum(jnp.ones((), jnp.float32), reduce_axes)
+  # Per-device parts scaled so that their pmean is (global sum) / (global tokens).
+  scale = devices / jnp.maximum(tokens, 1.0)
+  stage1 = 1.0 - stage2.astype(jnp.float32)
+  balance = stablemoe.balance_loss_sum(scores, teacher, mask, counts, tokens) * scale
+  distill = stablemoe.distill_loss_sum(distilled, teacher, mask) * scale
+  losses = {"aux_loss": stage1 * balance, "z_loss": routing.router_z_loss(scores, mask),
+            "distill_loss": stage1 * cfg.stablemoe_distill_weight * distill}
+  return jax.nn.softmax(scores, axis=-1), table, losses
+
+
+def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], expert_weights: dict[str, Array], *,
                    cfg: MoEConfig, train: bool, expert_axis_size: int,
-                   expert_axis: Optional[str] = sharding.EXPERT) -> tuple[Array, dict[str, Array]]:
+                   expert_axis: Optional[str] = sharding.EXPERT, token_ids: Optional[Array] = None,
+                   step: Optional[Array] = None, drop: Optional[Array] = None,
+                   router_extras: Optional[dict[str, Array]] = None,
+                   reduce_axes=None) -> tuple[Array, dict[str, Array]]:
   """The MoE computation of one device (call inside shard_map, or directly with expert_axis=None).
 
   Args:
     x: [B_l, T, D] this device's tokens.
     token_mask: bool[B_l, T].
-    router_kernel: float32[D, E].
+    router_kernel: float32[D, E] (None for the hash router).
     expert_weights: this device's experts, each [L, ...].
     cfg: the block config.
-    train: use the training capacity factor (else the eval one).
+    train: use the training capacity factor (else the eval one); Gating Dropout only when training.
     expert_axis_size: n_exp; L = E / n_exp.
     expert_axis: mesh axis name for all_to_all and axis_index; None when running unsharded (n_exp = 1).
+    token_ids: int32[B_l, T] input token ids (StableMoE and hash routers).
+    step: int32 scalar training step (StableMoE stage).
+    drop: bool scalar, the shared Gating Dropout decision of this step and layer.
+    router_extras: further router parameters ("distill_embed", "distill_centroids", "table").
+    reduce_axes: mesh axes spanning the batch (for batch-global router statistics), or None.
 
   Returns:
     (y [B_l, T, D] in x.dtype, per-device unreduced metric sums and losses).
@@ -270,49 +391,71 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Array, expert_wei
   groups = batch * seq // group_size
   payload_dtype = DTYPES[cfg.dtype]
   capacity = cfg.capacity(train)
+  sharded = expert_axis is not None and expert_axis_size > 1
+  first_expert = jax.lax.axis_index(expert_axis) * num_local if sharded else 0
 
   xg = x.reshape(groups, group_size, width)
   mask = token_mask.reshape(groups, group_size)
+  ids = None if token_ids is None else token_ids.reshape(groups, group_size)
+  router_params = dict(router_extras or {})
+  if router_kernel is not None:
+    router_params["kernel"] = router_kernel
 
   with jax.named_scope("router"):
-    # Shape: [G, S, E] = einsum("gsd,de->gse")
-    logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router_kernel.astype(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
-    table = routing.route_top_k(probs, top_k=cfg.top_k, capacity=capacity, priority=cfg.priority,
-                                fill_in=cfg.fill_in, fill_in_priority=cfg.fill_in_priority,
-                                combine=cfg.combine, straight_through=cfg.straight_through,
-                                token_mask=mask, eps=cfg.eps)
-    aux_loss = routing.load_balance_loss(probs, table.expert_index[..., :cfg.top_k], mask,
-                                         all_k=cfg.load_balance_all_k)
-    z_loss = routing.router_z_loss(logits, mask)
-
+    probs, table, losses = route_shard(xg, mask, router_params, cfg=cfg, train=train, capacity=capacity,
+                                       token_ids=ids, step=step, reduce_axes=reduce_axes)
   payload = xg.astype(payload_dtype)
-  with jax.named_scope("dispatch"):
-    buffers = dispatch_tokens(payload, table.expert_index, table.slot, num_buffers=num_experts,
-                              capacity=capacity, impl=cfg.dispatch)  # [E, G, C, D]
-    if expert_axis is not None and expert_axis_size > 1:
-      # Shape: [E, G, C, D] -> [L, n_exp * G, C, D]
-      buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-  with jax.named_scope("experts"):
-    out = expert_ffn(buffers, expert_weights, cfg.activation)
-  with jax.named_scope("combine"):
-    if expert_axis is not None and expert_axis_size > 1:
-      # Shape: [L, n_exp * G, C, D] -> [E, G, C, D]
-      out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-    y = combine_outputs(out, table.expert_index, table.slot, table.combine_weight, impl=cfg.dispatch)
 
-  ir = None
-  if cfg.ir_mode is not None:
-    with jax.named_scope("rectify"):
-      device = jax.lax.axis_index(expert_axis) if (expert_axis is not None and expert_axis_size > 1) else 0
-      ir, y_local = rectify_locally(payload, probs, table, expert_weights, cfg=cfg, first_expert=device * num_local,
-                                    num_local=num_local)
-      y = routing.ir_blend(y, y_local, ir.p, ir.lam, ir.total, ir.placed, eps=cfg.eps)
+  def routed(payload):
+    """Dispatch, all_to_all, experts, all_to_all back, combine; then IR on the device's own experts."""
+    with jax.named_scope("dispatch"):
+      buffers = dispatch_tokens(payload, table.expert_index, table.slot, num_buffers=num_experts,
+                                capacity=capacity, impl=cfg.dispatch)  # [E, G, C, D]
+      if sharded:
+        # Shape: [E, G, C, D] -> [L, n_exp * G, C, D]
+        buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+    with jax.named_scope("experts"):
+      out = expert_ffn(buffers, expert_weights, cfg.activation)
+    with jax.named_scope("combine"):
+      if sharded:
+        # Shape: [L, n_exp * G, C, D] -> [E, G, C, D]
+        out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+      y = combine_outputs(out, table.expert_index, table.slot, table.combine_weight, impl=cfg.dispatch)
+    ir = None
+    if cfg.ir_mode is not None:
+      with jax.named_scope("rectify"):
+        ir, y_local = rectify_locally(payload, probs, table, expert_weights, cfg=cfg, first_expert=first_expert,
+                                      num_local=num_local)
+        y = routing.ir_blend(y, y_local, ir.p, ir.lam, ir.total, ir.placed, eps=cfg.eps)
+    return y, _ir_sums(ir)
 
-  metrics = _metric_sums(table, ir)
-  metrics["aux_loss"] = aux_loss
-  metrics["z_loss"] = z_loss
+  def local_only(payload):
+    """Gating Dropout's dropped step: every token to the best expert on its own device; no collective."""
+    with jax.named_scope("gating_dropout_local"):
+      if cfg.gating_dropout_mode == "gate_expert_drop":
+        return jnp.zeros_like(payload, dtype=jnp.float32), _ir_sums(None)
+      local_capacity = routing.ir_capacity_from_factor(group_size, num_local, cfg.capacity_factor)
+      local_expert, p, slot, _ = routing.route_local(
+          probs, mask, first_expert=first_expert, num_local=num_local, capacity=local_capacity,
+          order_gate=table.gate[..., 0], by_probability=(cfg.priority == "bpr"))
+      weight = (jnp.ones_like(p) if cfg.gating_dropout_weight == "one" else p) * (slot >= 0)
+      buffers = dispatch_tokens(payload, local_expert[..., None], slot[..., None], num_buffers=num_local,
+                                capacity=local_capacity, impl=cfg.dispatch)
+      out = expert_ffn(buffers, expert_weights, cfg.activation)
+      y = combine_outputs(out, local_expert[..., None], slot[..., None], weight[..., None], impl=cfg.dispatch)
+      return y, _ir_sums(None)
+
+  dropout_active = train and cfg.gating_dropout > 0 and drop is not None
+  if dropout_active:
+    y, ir_sums = jax.lax.cond(drop, local_only, routed, payload)
+    kept = 1.0 - drop.astype(jnp.float32)
+    losses = {k: kept * v for k, v in losses.items()}  # no gate ran on a dropped step
+  else:
+    y, ir_sums = routed(payload)
+
+  metrics = {**_metric_sums(table), **ir_sums, **losses}
   metrics["slots"] = jnp.asarray(groups * num_experts * capacity, jnp.float32)
+  metrics["gating_dropped"] = drop.astype(jnp.float32) if dropout_active else jnp.zeros((), jnp.float32)
   return y.reshape(batch, seq, width).astype(x.dtype), metrics
 
 
@@ -344,9 +487,12 @@ def rectify_locally(payload: Array, probs: Array, table: routing.RoutingTable, e
   return ir, y_local
 
 
+LOSS_KEYS = ("aux_loss", "z_loss", "distill_loss", "gating_dropped")
+
+
 def reduce_metrics(sums: dict[str, Array], axes) -> dict[str, Array]:
   """psum/pmean the per-device sums over `axes` and turn them into global rates."""
-  losses = {k: jax.lax.pmean(sums[k], axes) for k in ("aux_loss", "z_loss")}
+  losses = {k: jax.lax.pmean(sums[k], axes) for k in LOSS_KEYS}
   totals = {k: jax.lax.psum(v, axes) for k, v in sums.items() if k not in losses}
   return finalize_metrics(totals, losses)
 
@@ -372,20 +518,42 @@ def finalize_metrics(totals: dict[str, Array], losses: dict[str, Array]) -> dict
 # ---------------------------------------------------------------------------------------------------------
 # The NNX module.
 # ---------------------------------------------------------------------------------------------------------
+class HashTable(nnx.Variable):
+  """A fixed (non-trainable) token-id -> expert table; checkpointed with the model, never optimized."""
+
+
+def gating_dropout_decision(rng: Array, rate: float) -> Array:
+  """bool scalar: drop the gate this step (one draw from a replicated key, so every device agrees)."""
+  return jax.random.uniform(rng, ()) < rate
+
+
 class MoEBlock(nnx.Module):
   """Router + stacked experts; the forward pass is one `jax.shard_map` over the context mesh.
 
-  Parameters: `router_kernel` float32[D, E] (replicated); `w_gate`, `w_up` float32[E, D, F] and `w_down`
-  float32[E, F, D] sharded `P("expert", None, None)` (no w_gate for GELU). Compute casts them to cfg.dtype.
+  Parameters: `router_kernel` float32[D, E] (replicated; StableMoE's centroids E^T; absent for the hash
+  router); `w_gate`, `w_up` float32[E, D, F] and `w_down` float32[E, F, D] sharded `P("expert", None, None)`
+  (no w_gate for GELU); StableMoE adds `distill_embed` float32[V, r] and `distill_centroids` float32[E, r];
+  the hash router holds a `HashTable` int32[V]. Compute casts expert weights to cfg.dtype.
   """
 
-  def __init__(self, cfg: MoEConfig, *, d_model: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: MoEConfig, *, d_model: int, rngs: nnx.Rngs, vocab_size: int = 259,
+               hash_table=None):
     cfg.validate()
     self.cfg = cfg
     self.d_model = d_model
     e, d, f = cfg.num_experts, d_model, cfg.expert_dim
-    self.router_kernel = nnx.Param(
-        nnx.with_partitioning(nnx.initializers.normal(cfg.router_init_std), (None, None))(rngs.params(), (d, e)))
+    replicated = lambda init: nnx.with_partitioning(init, (None, None))
+    if cfg.router != "hash":
+      self.router_kernel = nnx.Param(replicated(nnx.initializers.normal(cfg.router_init_std))(rngs.params(), (d, e)))
+    if cfg.router == "stablemoe":
+      r = cfg.stablemoe_routing_dim
+      self.distill_embed = nnx.Param(replicated(nnx.initializers.normal(1.0))(rngs.params(), (vocab_size, r)))
+      self.distill_centroids = nnx.Param(
+          replicated(nnx.initializers.orthogonal(scale=0.1))(rngs.params(), (e, r)))
+    if cfg.router == "hash":
+      if hash_table is None:
+        hash_table = hash_routing.build_table(cfg.hash_table, vocab_size, e, seed=0)
+      self.hash_table = HashTable(jnp.asarray(hash_table, jnp.int32))
     init_in = nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                                       in_axis=1, out_axis=2),
                                     (sharding.EXPERT, None, None))
@@ -398,19 +566,32 @@ class MoEBlock(nnx.Module):
     names = ("w_gate", "w_up", "w_down") if self.cfg.activation == "swiglu" else ("w_up", "w_down")
     return {name: getattr(self, name)[...] for name in names}
 
-  def __call__(self, x: Array, token_mask: Optional[Array] = None, *, train: bool = True
+  def router_params(self) -> dict[str, Array]:
+    """The router's arrays, by the names `route_shard` reads."""
+    if self.cfg.router == "hash":
+      return {"table": self.hash_table[...]}
+    params = {"kernel": self.router_kernel[...]}
+    if self.cfg.router == "stablemoe":
+      params.update(distill_embed=self.distill_embed[...], distill_centroids=self.distill_centroids[...])
+    return params
+
+  def __call__(self, x: Array, token_mask: Optional[Array] = None, *, train: bool = True,
+               token_ids: Optional[Array] = None, step: Optional[Array] = None, rng: Optional[Array] = None
                ) -> tuple[Array, dict[str, Array]]:
     """Applies the block.
 
     Args:
       x: [B, T, D] tokens, batch sharded over ("data", "expert").
       token_mask: bool[B, T] (False = padding; never dispatched, excluded from losses and metrics).
-      train: training capacity factor (True) or evaluation capacity factor (False).
+      train: training capacity factor and Gating Dropout (True) or evaluation capacity factor (False).
+      token_ids: int32[B, T] input token ids (needed by the StableMoE and hash routers).
+      step: int32 scalar training step (StableMoE's stage switch).
+      rng: a replicated PRNG key for this step and layer (Gating Dropout).
 
     Returns:
-      y [B, T, D] (x.dtype) and metrics (replicated float32): "aux_loss", "z_loss", "drop_rate",
-      "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate", "ir_overflow_rate", "tokens",
-      "expert_demand" [E], "expert_load" [E], "a2a_rows_per_token".
+      y [B, T, D] (x.dtype) and metrics (replicated float32): "aux_loss", "z_loss", "distill_loss",
+      "gating_dropped", "drop_rate", "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate",
+      "ir_overflow_rate", "tokens", "expert_demand" [E], "expert_load" [E], "a2a_rows_per_token".
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or set(mesh.axis_names) != set(sharding.AXES):
@@ -422,21 +603,38 @@ class MoEBlock(nnx.Module):
     batch, seq, _ = x.shape
     sharding.validate_moe_layout(num_experts=cfg.num_experts, expert_axis=n_exp, global_batch=batch,
                                  seq_len=seq, group_size=cfg.group_size, num_devices=n_dev)
+    if token_ids is None:
+      if cfg.router in ("stablemoe", "hash"):
+        raise ValueError(f"moe.router={cfg.router!r} routes by token id: pass token_ids to the MoE block.")
+      token_ids = jnp.zeros((batch, seq), jnp.int32)
     if token_mask is None:
       token_mask = jnp.ones((batch, seq), bool)
+    step = jnp.zeros((), jnp.int32) if step is None else jnp.asarray(step, jnp.int32)
+    if train and cfg.gating_dropout > 0:
+      if rng is None:
+        raise ValueError("moe.gating_dropout > 0 needs an rng for the MoE block in training.")
+      drop = gating_dropout_decision(rng, cfg.gating_dropout)
+    else:
+      drop = jnp.zeros((), bool)
     weights = self.expert_weights()
+    router = self.router_params()
 
-    def body(x_l, mask_l, router_l, weights_l):
-      y_l, sums = moe_shard_body(x_l, mask_l, router_l, weights_l, cfg=cfg, train=train,
-                                 expert_axis_size=n_exp)
+    def body(x_l, mask_l, ids_l, router_l, weights_l, step_l, drop_l):
+      router_l = dict(router_l)
+      kernel = router_l.pop("kernel", None)
+      y_l, sums = moe_shard_body(x_l, mask_l, kernel, weights_l, cfg=cfg, train=train, expert_axis_size=n_exp,
+                                 token_ids=ids_l, step=step_l, drop=drop_l, router_extras=router_l,
+                                 reduce_axes=sharding.AXES)
       return y_l, reduce_metrics(sums, sharding.AXES)
 
     weight_specs = {name: sharding.expert_spec(3) for name in weights}
+    router_specs = {name: P() for name in router}
     y, metrics = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(sharding.token_spec(3), sharding.token_spec(2), P(), weight_specs),
+        in_specs=(sharding.token_spec(3), sharding.token_spec(2), sharding.token_spec(2), router_specs,
+                  weight_specs, P(), P()),
         out_specs=(sharding.token_spec(3), P()), check_vma=True,
-    )(x, token_mask.astype(bool), self.router_kernel[...], weights)
+    )(x, token_mask.astype(bool), token_ids.astype(jnp.int32), router, weights, step, drop)
     metrics["a2a_rows_per_token"] = jnp.asarray(cfg.num_experts * cfg.capacity(train) / cfg.group_size,
                                                 jnp.float32)
     return y, metrics

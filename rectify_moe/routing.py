@@ -49,7 +49,7 @@ def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int, capacit
     tokens_per_group: S, tokens per routing group (> 0).
     num_experts: E (> 0).
     top_k: k (> 0).
-    capacity_factor: multiplier on the balanced load (> 0).
+    capacity_factor: multiplier on the balanced load (>= 0; 0 with min_capacity=1 is the paper's lower bound).
     min_capacity: lower bound on the result.
 
   Returns:
@@ -59,8 +59,8 @@ def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int, capacit
     raise ValueError(
         f"expert_capacity needs positive sizes, got tokens_per_group={tokens_per_group}, "
         f"num_experts={num_experts}, top_k={top_k}.")
-  if not capacity_factor > 0:
-    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}. Use e.g. 1.0 (balanced) or 1.25.")
+  if not capacity_factor >= 0:
+    raise ValueError(f"capacity_factor must be >= 0, got {capacity_factor}. Use e.g. 1.0 (balanced) or 1.25.")
   # Round before ceil so that 0.5 * 2 * 1024 / 8 does not become 128.00000000001 -> 129.
   raw = round(tokens_per_group / num_experts * capacity_factor * top_k, 9)
   capacity = max(int(math.ceil(raw)), int(min_capacity))
@@ -417,31 +417,54 @@ def intra_device_choice(router_probs: Array, table: RoutingTable, *, first_exper
   priority = table.priority if priority is None else priority
   _check_choice("priority", priority, PRIORITIES)
 
-  router_probs = router_probs.astype(jnp.float32)
   num_accepted = table.num_accepted
   threshold = {"all": 1, "any": table.top_k, "ignore_kth": table.num_choices - 1}[mode]
   selected = table.token_mask & (num_accepted < threshold)
-
-  # Shape: [G, S, L] global probabilities of the device's own experts.
-  local_probs = jax.lax.dynamic_slice_in_dim(router_probs, first_expert, num_local, axis=-1)
-  local_expert = jnp.argmax(local_probs, axis=-1).astype(jnp.int32)
-  p = jnp.take_along_axis(local_probs, local_expert[..., None], axis=-1)[..., 0]
-
-  # Shape: [G, S, L]
-  onehot = jax.nn.one_hot(local_expert, num_local, dtype=jnp.int32) * selected[..., None].astype(jnp.int32)
-  order = _token_order(table.gate[..., 0], by_probability=(priority == "bpr"))
-  position = jnp.sum(_positions_in_order(onehot, order) * onehot, axis=-1)
-  placed = selected & (position < capacity)
-  slot = jnp.where(placed, position, -1).astype(jnp.int32)
-  # Shape: [G, S, L, C_ir] = einsum("gsl,gsc->gslc")
-  dispatch = jnp.einsum("gsl,gsc->gslc", jax.nn.one_hot(local_expert, num_local, dtype=jnp.float32),
-                        jax.nn.one_hot(slot, capacity, dtype=jnp.float32)) > 0
-
+  local_expert, p, slot, dispatch = route_local(router_probs, selected, first_expert=first_expert,
+                                                num_local=num_local, capacity=capacity,
+                                                order_gate=table.gate[..., 0], by_probability=(priority == "bpr"))
+  placed = slot >= 0
   total = jax.lax.stop_gradient(jnp.sum(table.gate * table.accepted, axis=-1))
   lam = jax.lax.stop_gradient((table.num_choices - num_accepted).astype(jnp.float32))
   return IRTable(selected=selected, local_expert=local_expert, slot=slot, dispatch=dispatch, p=p, lam=lam,
                  total=total, overflow=jnp.sum(selected & ~placed, axis=1, dtype=jnp.int32),
                  num_rectified=jnp.sum(placed, axis=1, dtype=jnp.int32), ir_capacity=capacity)
+
+
+def route_local(router_probs: Array, selected: Array, *, first_expert, num_local: int, capacity: int,
+                order_gate: Array, by_probability: bool) -> tuple[Array, Array, Array, Array]:
+  """Sends selected tokens to the best of the device's own experts, into a static buffer (no collective).
+
+  Shared by Intra-device Rectification and Gating Dropout's local step.
+
+  Args:
+    router_probs: float32[G, S, E] global router probabilities.
+    selected: bool[G, S] tokens to place.
+    first_expert: global index of the device's first expert (Python or traced int).
+    num_local: L.
+    capacity: slots per local expert per group.
+    order_gate: float32[G, S] top-1 probability, the token order when `by_probability`.
+    by_probability: visit tokens by order_gate descending (else sequence order).
+
+  Returns:
+    local_expert int32[G, S] in [0, L) (argmax of the global probabilities of the local experts; ties:
+    lower index), p float32[G, S] its probability, slot int32[G, S] (-1 = not placed), dispatch
+    bool[G, S, L, C].
+  """
+  router_probs = router_probs.astype(jnp.float32)
+  # Shape: [G, S, L] global probabilities of the device's own experts.
+  local_probs = jax.lax.dynamic_slice_in_dim(router_probs, first_expert, num_local, axis=-1)
+  local_expert = jnp.argmax(local_probs, axis=-1).astype(jnp.int32)
+  p = jnp.take_along_axis(local_probs, local_expert[..., None], axis=-1)[..., 0]
+  # Shape: [G, S, L]
+  onehot = jax.nn.one_hot(local_expert, num_local, dtype=jnp.int32) * selected[..., None].astype(jnp.int32)
+  order = _token_order(order_gate, by_probability=by_probability)
+  position = jnp.sum(_positions_in_order(onehot, order) * onehot, axis=-1)
+  slot = jnp.where(selected & (position < capacity), position, -1).astype(jnp.int32)
+  # Shape: [G, S, L, C] = einsum("gsl,gsc->gslc")
+  dispatch = jnp.einsum("gsl,gsc->gslc", jax.nn.one_hot(local_expert, num_local, dtype=jnp.float32),
+                        jax.nn.one_hot(slot, capacity, dtype=jnp.float32)) > 0
+  return local_expert, p, slot, dispatch
 
 
 def ir_blend(y: Array, y_local: Array, p: Array, lam: Array, total: Array, placed: Array,

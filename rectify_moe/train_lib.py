@@ -29,9 +29,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rectify_moe import data as data_lib
+from rectify_moe import hash_routing
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
 from rectify_moe import sharding
+from rectify_moe import stablemoe
 
 Array = jax.Array
 # Per-layer routing metrics averaged over MoE layers in the step metrics.
@@ -111,13 +113,20 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # State.
 # ---------------------------------------------------------------------------------------------------------
-def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay to end_lr_factor * lr, and global-norm clipping."""
+def make_optimizer(train: ml_collections.ConfigDict, moe_cfg: Optional[moe_lib.MoEConfig] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup + cosine decay to end_lr_factor * lr, and global-norm clipping.
+
+  For StableMoE the distilled router is frozen for real from moe.stablemoe_switch_step on: its updates
+  are zeroed after AdamW, so weight decay and momentum leave it bit-identical.
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate, warmup_steps=min(train.warmup_steps, train.steps),
       decay_steps=max(train.steps, train.warmup_steps + 1), end_value=train.learning_rate * train.end_lr_factor)
   tx = optax.chain(optax.clip_by_global_norm(train.grad_clip),
                    optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
+  if moe_cfg is not None and moe_cfg.router == "stablemoe":
+    tx = optax.chain(tx, stablemoe.freeze_after(moe_cfg.stablemoe_switch_step, stablemoe.is_distilled_param))
   return tx, schedule
 
 
@@ -128,15 +137,27 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     (graphdef, state, state_shardings): `nnx.split((model, optimizer))` and the NamedSharding of every leaf.
   """
   model_cfg, moe_cfg = model_configs(config)
-  tx, _ = make_optimizer(config.train)
+  tx, _ = make_optimizer(config.train, moe_cfg)
+  hash_table = None
+  if model_cfg.num_moe_layers and moe_cfg.router == "hash" and moe_cfg.hash_table == "balanced":
+    counts = train_token_counts(config, model_cfg.vocab_size)
+    hash_table = hash_routing.frequency_balanced_table(counts, moe_cfg.num_experts)
   with jax.set_mesh(mesh):
     model = model_lib.TransformerLM(model_cfg, moe_cfg if model_cfg.num_moe_layers else None,
-                                    rngs=nnx.Rngs(config.seed))
+                                    rngs=nnx.Rngs(config.seed), hash_table=hash_table)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     state_shardings = jax.tree.map(lambda x: _leaf_sharding(x, mesh), state)
     state = jax.device_put(state, state_shardings)
   return graphdef, state, state_shardings
+
+
+def train_token_counts(config: ml_collections.ConfigDict, vocab_size: int, max_tokens: int = 20_000_000
+                       ) -> np.ndarray:
+  """int64[V] token frequencies of the training split (its first max_tokens tokens), for hash tables."""
+  windows = data_lib.make_packed_windows(config.data, config.data.train_split, seq_len=config.train.seq_len)
+  stream = windows.stream_slice(0, min(windows.num_tokens, max_tokens))
+  return np.bincount(stream, minlength=vocab_size)[:vocab_size].astype(np.int64)
 
 
 def _leaf_sharding(x: Any, mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -159,10 +180,10 @@ def count_params(state) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------
 # Steps.
 # ---------------------------------------------------------------------------------------------------------
-def _forward(model: model_lib.TransformerLM, batch: dict[str, Array], train: bool):
+def _forward(model: model_lib.TransformerLM, batch: dict[str, Array], train: bool, step=None, rng=None):
   """Token-masked cross-entropy and routing metrics. Returns (ce_sum, correct, tokens, layer_metrics)."""
   mask = batch["token_mask"]
-  logits, layer_metrics = model(batch["inputs"], mask, train=train)
+  logits, layer_metrics = model(batch["inputs"], mask, train=train, step=step, rng=rng)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
   maskf = mask.astype(jnp.float32)
@@ -178,26 +199,36 @@ def _stack_layer_metrics(layer_metrics: list[dict[str, Array]]) -> dict[str, Arr
   return {k: jnp.stack([m[k] for m in layer_metrics]) for k in layer_metrics[0]}
 
 
-def loss_fn(model, batch, aux_weight: float, z_weight: float):
-  ce_sum, correct, tokens, layer_metrics = _forward(model, batch, train=True)
+def loss_fn(model, batch, aux_weight: float, z_weight: float, step=None, rng=None):
+  """CE + aux_weight * sum of load-balance losses + z_weight * sum of z-losses + distillation losses.
+
+  The distillation loss (StableMoE) arrives already weighted by moe.stablemoe_distill_weight.
+  """
+  ce_sum, correct, tokens, layer_metrics = _forward(model, batch, train=True, step=step, rng=rng)
   ce = ce_sum / jnp.maximum(tokens, 1.0)
   layers = _stack_layer_metrics(layer_metrics)
-  aux = jnp.sum(layers["aux_loss"]) if layers else jnp.zeros(())
-  z = jnp.sum(layers["z_loss"]) if layers else jnp.zeros(())
-  loss = ce + aux_weight * aux + z_weight * z
-  return loss, dict(ce=ce, aux_loss=aux, z_loss=z, accuracy=correct / jnp.maximum(tokens, 1.0), layers=layers)
+  total = lambda key: jnp.sum(layers[key]) if layers else jnp.zeros(())
+  aux, z, distill = total("aux_loss"), total("z_loss"), total("distill_loss")
+  loss = ce + aux_weight * aux + z_weight * z + distill
+  return loss, dict(ce=ce, aux_loss=aux, z_loss=z, distill_loss=distill,
+                    accuracy=correct / jnp.maximum(tokens, 1.0), layers=layers)
 
 
-def train_step(graphdef, state, batch, *, aux_weight: float, z_weight: float, schedule):
+def step_rng(seed: int, step: Array) -> Array:
+  """The replicated PRNG key of a training step (a function of seed and step: resumes exactly)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def train_step(graphdef, state, batch, *, aux_weight: float, z_weight: float, schedule, seed: int = 0):
   """One optimizer step. Pure: (state, batch) -> (new state, metrics)."""
   model, optimizer = nnx.merge(graphdef, state)
-  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-  (loss, aux), grads = grad_fn(model, batch, aux_weight, z_weight)
   step = optimizer.step[...]
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  (loss, aux), grads = grad_fn(model, batch, aux_weight, z_weight, step, step_rng(seed, step))
   optimizer.update(model, grads)
   layers = aux.pop("layers")
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step), **aux)
-  for key in RATE_KEYS:
+  for key in RATE_KEYS + ("gating_dropped",):
     if key in layers:
       metrics[key] = jnp.mean(layers[key])
   if layers:
@@ -219,7 +250,7 @@ def jit_steps(config, graphdef, state_shardings, mesh, schedule):
   replicated = NamedSharding(mesh, P())
   train_fn = jax.jit(
       functools.partial(train_step, graphdef, aux_weight=config.train.aux_loss_weight,
-                        z_weight=config.train.z_loss_weight, schedule=schedule),
+                        z_weight=config.train.z_loss_weight, schedule=schedule, seed=config.seed),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef), in_shardings=(state_shardings, batch_sharding),
@@ -403,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _log(f"Mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s), "
        f"{jax.process_count()} process(es).")
   graphdef, state, state_shardings = create_train_state(config, mesh)
-  _, schedule = make_optimizer(train_cfg)
+  _, schedule = make_optimizer(train_cfg, model_configs(config)[1])
   train_fn, eval_fn = jit_steps(config, graphdef, state_shardings, mesh, schedule)
   total, expert = count_params(state)
   _log(f"Parameters: {total:,} total, {expert:,} in experts. Router: k={config.moe.top_k}, "
@@ -496,7 +527,8 @@ def _progress_line(step: int, total: int, metrics: dict[str, float], tokens_per_
   parts = [f"step {step}/{total}", f"loss {metrics.get('loss', float('nan')):.4f}",
            f"ce {metrics.get('ce', float('nan')):.4f}", f"lr {metrics.get('learning_rate', 0.0):.2e}",
            f"{tokens_per_second:,.0f} tok/s"]
-  for key, label in (("drop_rate", "drop"), ("padding_rate", "pad"), ("fill_in_rate", "fill"), ("ir_rate", "ir")):
+  for key, label in (("drop_rate", "drop"), ("padding_rate", "pad"), ("fill_in_rate", "fill"), ("ir_rate", "ir"),
+                     ("gating_dropped", "gd")):
     if key in metrics:
       parts.append(f"{label} {metrics[key]:.3f}")
   return "  ".join(parts)

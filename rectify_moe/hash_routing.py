@@ -1,0 +1,57 @@
+"""Hash layers (Roller et al., NeurIPS 2021): a fixed token-id -> expert table, no learned router.
+
+Two tables:
+- "random": a random balanced assignment: a seeded permutation of the vocabulary dealt round-robin, so
+  every expert owns floor(V/E) or ceil(V/E) token ids;
+- "balanced": frequency-balanced: token ids sorted by their frequency in the training data (descending)
+  and each given to the expert with the least frequency mass so far (greedy), so expected loads match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HASH_TABLES = ("random", "balanced")
+
+
+def random_balanced_table(vocab_size: int, num_experts: int, seed: int = 0) -> np.ndarray:
+  """int32[V]: expert of each token id; every expert owns floor(V/E) or ceil(V/E) ids."""
+  order = np.random.default_rng(seed).permutation(vocab_size)
+  table = np.empty(vocab_size, np.int32)
+  table[order] = np.arange(vocab_size) % num_experts
+  return table
+
+
+def frequency_balanced_table(token_counts: np.ndarray, num_experts: int) -> np.ndarray:
+  """int32[V]: greedy frequency-balanced assignment (most frequent ids first, each to the lightest expert).
+
+  Ties (equal counts, equal loads) break by the lower token id and the lower expert index, so the table is
+  a deterministic function of the counts. The heaviest expert exceeds the mean load by at most the count
+  of the most frequent single token id.
+  """
+  counts = np.asarray(token_counts, np.int64)
+  order = np.argsort(-counts, kind="stable")
+  loads = np.zeros(num_experts, np.int64)
+  owned = np.zeros(num_experts, np.int64)
+  table = np.empty(len(counts), np.int32)
+  for token in order:
+    # Lightest expert by load; among equal loads the one owning fewer ids (spreads zero-count ids evenly).
+    expert = int(np.lexsort((np.arange(num_experts), owned, loads))[0])
+    table[token] = expert
+    loads[expert] += counts[token]
+    owned[expert] += 1
+  return table
+
+
+def build_table(kind: str, vocab_size: int, num_experts: int, *, seed: int = 0,
+                token_counts: np.ndarray | None = None) -> np.ndarray:
+  """The hash table of `kind` ("random" | "balanced"; "balanced" needs token_counts[V])."""
+  if kind == "random":
+    return random_balanced_table(vocab_size, num_experts, seed)
+  if kind == "balanced":
+    if token_counts is None:
+      raise ValueError("moe.hash_table='balanced' needs token counts from the training data.")
+    if len(token_counts) != vocab_size:
+      raise ValueError(f"token_counts has {len(token_counts)} entries, expected vocab_size={vocab_size}.")
+    return frequency_balanced_table(token_counts, num_experts)
+  raise ValueError(f"Unknown moe.hash_table={kind!r}; use one of {list(HASH_TABLES)}.")
