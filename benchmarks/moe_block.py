@@ -1,0 +1,148 @@
+"""Forward+backward time of one MoE block on one device, against the ideal balanced batched matmul.
+
+For each variant (vanilla, +IR, +FR, +IR+FR), dispatch implementation (einsum masks / index scatter) and
+group size S, it times `jit(grad)` of the block body (no communication: one device) and reports
+- useful TF/s = 12 * T * k * D * F / time (forward+backward FLOPs of the assigned tokens of a 2-matmul GELU
+  expert, the anchors' convention: padding, masks and routing are overhead),
+- the ideal: the same expert FLOPs as a pre-balanced batched matmul [E, T*k/E, D] x [E, D, F], timed in the
+  same run, and the ratios to ideal and to ideal / capacity_factor,
+- peak device memory (GPU) and the dispatch+combine mask memory of the einsum path.
+Median of repeated, device-synchronised runs after warm-up.
+
+  python benchmarks/moe_block.py --shape=cpu_small           # CPU
+  python benchmarks/moe_block.py --shape=anchor_e8            # one H100/H200 (anchors.md §6.3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp
+
+from benchmarks import common
+from rectify_moe import moe
+
+SHAPES = {
+    # tokens T, width D, hidden F, experts E, k, capacity factor, group sizes
+    "tiny": dict(tokens=256, d_model=32, expert_dim=64, num_experts=4, top_k=2, capacity_factor=1.25,
+                 group_sizes=(64,)),
+    "cpu_small": dict(tokens=4096, d_model=256, expert_dim=1024, num_experts=8, top_k=2, capacity_factor=1.25,
+                      group_sizes=(256, 1024)),
+    "anchor_e8": dict(tokens=16384, d_model=2048, expert_dim=8192, num_experts=8, top_k=2, capacity_factor=1.25,
+                      group_sizes=(1024, 4096)),
+    "anchor_e64": dict(tokens=16384, d_model=2048, expert_dim=1024, num_experts=64, top_k=4, capacity_factor=1.25,
+                       group_sizes=(1024,)),
+    "mixtral": dict(tokens=8192, d_model=4096, expert_dim=14336, num_experts=8, top_k=2, capacity_factor=1.25,
+                    group_sizes=(4096,)),
+}
+RECTIFY = {"vanilla": dict(fill_in=False, ir_mode=None), "ir": dict(fill_in=False, ir_mode="any"),
+           "fr": dict(fill_in=True, ir_mode=None), "ir_fr": dict(fill_in=True, ir_mode="ignore_kth")}
+COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
+           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "mask_mb", "peak_mb")
+
+
+def _inputs(shape, dtype):
+  keys = jax.random.split(jax.random.key(0), 5)
+  t, d, f, e = shape["tokens"], shape["d_model"], shape["expert_dim"], shape["num_experts"]
+  x = jax.random.normal(keys[0], (1, t, d), dtype)
+  router = jax.random.normal(keys[1], (d, e), jnp.float32) * 0.02
+  weights = {"w_up": jax.random.normal(keys[2], (e, d, f), dtype) * d ** -0.5,
+             "w_down": jax.random.normal(keys[3], (e, f, d), dtype) * f ** -0.5}
+  return x, router, weights
+
+
+def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_factor, warmup, repeats):
+  cfg = moe.MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+                      capacity_factor=shape["capacity_factor"], group_size=group_size, activation="gelu",
+                      dispatch=dispatch, dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
+                      combine="normalized", ir_capacity_factor=ir_capacity_factor, **RECTIFY[variant])
+  x, router, weights = _inputs(shape, dtype)
+  mask = jnp.ones(x.shape[:2], bool)
+
+  def loss(x, router, weights):
+    y, sums = moe.moe_shard_body(x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1,
+                                 expert_axis=None)
+    return jnp.sum(y.astype(jnp.float32)) + sums["aux_loss"]
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  timing = common.time_fn(lambda: step(x, router, weights), warmup=warmup, repeats=repeats)
+  return cfg, timing
+
+
+def ideal_time(shape, *, dtype, warmup, repeats):
+  """Pre-balanced tokens [E, T*k/E, D] through the experts: the best a capacity-free MoE could do."""
+  e = shape["num_experts"]
+  rows = shape["tokens"] * shape["top_k"] // e
+  _, _, weights = _inputs(shape, dtype)
+  xb = jax.random.normal(jax.random.key(1), (e, 1, rows, shape["d_model"]), dtype)
+
+  def loss(xb, weights):
+    return jnp.sum(moe.expert_ffn(xb, weights, "gelu").astype(jnp.float32))
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return common.time_fn(lambda: step(xb, weights), warmup=warmup, repeats=repeats)
+
+
+def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), dtype=None, warmup=2,
+        repeats=5, ir_capacity_factor=0.25, out_dir=None, name=None):
+  shape = SHAPES[shape_name]
+  dtype = dtype or (jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+  useful_flops = 12 * shape["tokens"] * shape["top_k"] * shape["d_model"] * shape["expert_dim"]
+  ideal = ideal_time(shape, dtype=dtype, warmup=warmup, repeats=repeats)
+  ideal_tflops = useful_flops / ideal["median_s"] / 1e12
+  print(f"[{shape_name}] ideal balanced bmm: {ideal['median_s'] * 1e3:.2f} ms, {ideal_tflops:.2f} TF/s", flush=True)
+  rows, vanilla_ms = [], {}
+  for group_size in shape["group_sizes"]:
+    for dispatch in dispatches:
+      for variant in variants:
+        cfg, timing = block_time(shape, variant, dispatch, group_size, dtype=dtype,
+                                 ir_capacity_factor=ir_capacity_factor, warmup=warmup, repeats=repeats)
+        ms = timing["median_s"] * 1e3
+        if variant == "vanilla":
+          vanilla_ms[(dispatch, group_size)] = ms
+        capacity = cfg.capacity(True)
+        mask_elems = 2 * shape["tokens"] * shape["num_experts"] * capacity  # dispatch + combine, [G,S,E,C]
+        useful = useful_flops / timing["median_s"] / 1e12
+        peak = common.peak_memory_bytes()
+        row = {"shape": shape_name, "variant": variant, "dispatch": dispatch, "group_size": group_size,
+               "capacity": capacity, "median_ms": ms, "min_ms": timing["min_s"] * 1e3,
+               "useful_tflops": useful, "ideal_tflops": ideal_tflops, "ratio_to_ideal": useful / ideal_tflops,
+               "ratio_to_ideal_over_cf": useful / (ideal_tflops / shape["capacity_factor"]),
+               "time_vs_vanilla": ms / vanilla_ms.get((dispatch, group_size), ms),
+               "mask_mb": mask_elems * jnp.dtype(dtype).itemsize / 2**20 if dispatch == "einsum" else 0.0,
+               "peak_mb": None if peak is None else peak / 2**20}
+        rows.append(row)
+        print(f"  S={group_size:5d} {dispatch:6s} {variant:7s} {ms:9.2f} ms  {useful:7.2f} useful TF/s  "
+              f"x{row['ratio_to_ideal']:.2f} of ideal  x{row['time_vs_vanilla']:.2f} vs vanilla", flush=True)
+  notes = (f"Shape {shape_name}: {shape}; dtype {jnp.dtype(dtype).name}; IR buffer ir_capacity_factor="
+           f"{ir_capacity_factor} (IR mode 'any', 'ignore_kth' with FR); forward+backward of one block on one "
+           f"device (no all-to-all); median of {repeats} runs after {warmup} warm-up runs."
+           + ("" if jax.default_backend() == "gpu" else " CPU-only figures: not comparable with the GPU anchors."))
+  common.write_results(name or f"moe_block_{shape_name}_{jax.default_backend()}", rows, COLUMNS, notes,
+                       out_dir=out_dir)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", default="cpu_small", choices=sorted(SHAPES))
+  parser.add_argument("--dispatch", default="einsum,index")
+  parser.add_argument("--variants", default=",".join(RECTIFY))
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--ir_capacity_factor", type=float, default=0.25)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  run(args.shape, variants=tuple(args.variants.split(",")), dispatches=tuple(args.dispatch.split(",")),
+      warmup=args.warmup, repeats=args.repeats, ir_capacity_factor=args.ir_capacity_factor, out_dir=args.out)
+
+
+if __name__ == "__main__":
+  main()
