@@ -17,7 +17,7 @@ def test_notebook_executes(path, tmp_path):
   env_dir = os.path.dirname(path)
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": env_dir}})
-  os.environ.setdefault("RECTIFY_MOE_NOTEBOOK_WORKDIR", str(tmp_path))
+  os.environ["RECTIFY_MOE_NOTEBOOK_WORKDIR"] = str(tmp_path)  # where notebooks write runs
   client.execute()
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
   assert not errors
