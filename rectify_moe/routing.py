@@ -398,8 +398,8 @@ def intra_device_choice(router_probs: Array, table: RoutingTable, *, first_exper
     table: the shard's `RoutingTable`.
     first_expert: global index of the device's first expert (Python or traced int).
     num_local: L, experts on the device (static).
-    mode: which tokens are rectified: "all" (no accepted choice), "any" (fewer than k accepted) or
-      "ignore_kth" (fewer than K - 1 accepted; used with fill-in).
+    mode: which tokens are rectified: "all" (no accepted choice), "any" (fewer than K accepted: any
+      failed choice, a failed fill-in included) or "ignore_kth" (fewer than K - 1 accepted; used with fill-in).
     ir_capacity: slots per local expert per group, or None for S (exact: nothing overflows).
     priority: token order for the IR buffer; defaults to the table's priority ("bpr": top-1 probability
       order, otherwise sequence order).
@@ -411,6 +411,9 @@ def intra_device_choice(router_probs: Array, table: RoutingTable, *, first_exper
   groups, tokens, num_experts = router_probs.shape
   if not 1 <= num_local <= num_experts:
     raise ValueError(f"num_local={num_local} must be in [1, num_experts={num_experts}].")
+  if isinstance(first_expert, int) and not 0 <= first_expert <= num_experts - num_local:
+    raise ValueError(f"first_expert={first_expert} with num_local={num_local} leaves the {num_experts} experts; "
+                     f"use 0 <= first_expert <= {num_experts - num_local}.")
   capacity = tokens if ir_capacity is None else int(ir_capacity)
   if capacity < 1:
     raise ValueError(f"ir_capacity must be >= 1 or None (exact), got {ir_capacity}.")
@@ -418,7 +421,8 @@ def intra_device_choice(router_probs: Array, table: RoutingTable, *, first_exper
   _check_choice("priority", priority, PRIORITIES)
 
   num_accepted = table.num_accepted
-  threshold = {"all": 1, "any": table.top_k, "ignore_kth": table.num_choices - 1}[mode]
+  # The official code compares with the gate's k, which is K (= k + 1) under fill-in.
+  threshold = {"all": 1, "any": table.num_choices, "ignore_kth": table.num_choices - 1}[mode]
   selected = table.token_mask & (num_accepted < threshold)
   local_expert, p, slot, dispatch = route_local(router_probs, selected, first_expert=first_expert,
                                                 num_local=num_local, capacity=capacity,
