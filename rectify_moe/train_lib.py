@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             global_batch_size=train_cfg.batch_size, seed=config.seed,
                                             process_index=process_index, process_count=process_count)
   eval_batches = data_lib.make_eval_batches(config.data, seq_len=train_cfg.seq_len,
-                                            batch_size=train_cfg.eval_batch_size,
+                                            batch_size=train_cfg.eval_batch_size // process_count,
                                             max_batches=train_cfg.eval_batches, process_index=process_index,
                                             process_count=process_count)
 

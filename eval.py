@@ -1,0 +1,51 @@
+"""Evaluate a rectify-moe checkpoint: held-out loss / ppl / accuracy, routing statistics, router swaps.
+
+  python eval.py --workdir=runs/top1                        # latest step, the run's own config.json
+  python eval.py --workdir=runs/top1 --step=200 --mesh=1,8  # a given step on another mesh
+  python eval.py --workdir=runs/top1 --swap=presets         # Top-1 vs +IR, +FR, +IR+FR at test time
+  python eval.py --workdir=runs/top1 --swap=ir --swap="top_k=2,priority=position" \
+      --eval_capacity_factors=0.5,1.0,2.0                   # every router at every capacity factor
+  python eval.py --workdir=runs/top1 --config=configs/top1.py --config.train.eval_batches=32
+
+--swap takes a preset (vanilla, ir, fr, ir_fr; derived from the checkpoint's k), `key=value,...` routing
+fields of `moe` (top_k, fill_in, ir_mode, ir_capacity_factor, capacity_factor, eval_capacity_factor,
+min_capacity, priority, combine, straight_through, fill_in_priority, dispatch), or a preset followed by
+fields (`ir,ir_capacity_factor=None`). Outputs go to workdir/eval/<step>/: results.json, results.md,
+load_heatmap.png, rates_by_router.png.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rectify_moe import eval_lib
+
+config_flags.DEFINE_config_file("config", None, "Config file (get_config()); default: the run's workdir/config.json. "
+                                "It must match the checkpoint's architecture.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The training run's workdir (holds config.json and checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_multi_string("swap", [], "A test-time router swap (repeatable): a preset (vanilla, ir, fr, ir_fr, "
+                          "or 'presets' for all four) and/or key=value routing fields, comma-separated.")
+flags.DEFINE_list("eval_capacity_factors", [], "Also evaluate every router at each of these capacity factors.")
+flags.DEFINE_string("mesh", None, "Evaluation mesh 'data,expert' (default: the run's mesh if it fits this machine).")
+flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eval_batches of the config).")
+flags.DEFINE_integer("eval_batch_size", None, "Rows per eval batch (default: train.eval_batch_size).")
+flags.DEFINE_string("output_dir", None, "Where to write results (default: workdir/eval/<step>).")
+flags.DEFINE_bool("plots", True, "Write the PNG plots.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  sys.exit(eval_lib.run_main(f.config, f.workdir, step=f.step, swaps=f.swap,
+                             eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
+                             eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
+                             output_dir=f.output_dir, plots=f.plots))
+
+
+if __name__ == "__main__":
+  app.run(main)
