@@ -25,18 +25,24 @@ def random_balanced_table(vocab_size: int, num_experts: int, seed: int = 0) -> n
 def frequency_balanced_table(token_counts: np.ndarray, num_experts: int) -> np.ndarray:
   """int32[V]: greedy frequency-balanced assignment (most frequent ids first, each to the lightest expert).
 
-  Ties (equal counts, equal loads) break by the lower token id and the lower expert index, so the table is
-  a deterministic function of the counts. The heaviest expert exceeds the mean load by at most the count
+  Ties (equal counts, equal loads) break by the lower token id, fewer ids owned and the lower expert index,
+  so the table is a deterministic function of the counts. Ids with count 0 (never seen in training) carry no
+  load; they are dealt evenly (to the expert with the fewest such ids; ties: lower load, lower index) instead
+  of piling onto the lightest expert. The heaviest expert exceeds the mean load by at most the count
   of the most frequent single token id.
   """
   counts = np.asarray(token_counts, np.int64)
   order = np.argsort(-counts, kind="stable")
   loads = np.zeros(num_experts, np.int64)
   owned = np.zeros(num_experts, np.int64)
+  unseen = np.zeros(num_experts, np.int64)  # zero-count ids per expert
   table = np.empty(len(counts), np.int32)
   for token in order:
-    # Lightest expert by load; among equal loads the one owning fewer ids (spreads zero-count ids evenly).
-    expert = int(np.lexsort((np.arange(num_experts), owned, loads))[0])
+    if counts[token] > 0:  # lightest expert by load; ties: fewer ids owned, then lower index
+      expert = int(np.lexsort((np.arange(num_experts), owned, loads))[0])
+    else:  # ids never seen add no load: deal them evenly, lightest experts first
+      expert = int(np.lexsort((np.arange(num_experts), loads, unseen))[0])
+      unseen[expert] += 1
     table[token] = expert
     loads[expert] += counts[token]
     owned[expert] += 1

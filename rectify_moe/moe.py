@@ -405,6 +405,9 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
     probs, table, losses = route_shard(xg, mask, router_params, cfg=cfg, train=train, capacity=capacity,
                                        token_ids=ids, step=step, reduce_axes=reduce_axes)
   payload = xg.astype(payload_dtype)
+  # A zero that varies over the mesh like the tokens: added to every metric sum so both branches of the
+  # Gating Dropout cond return values of the same (varying) type, constants included.
+  varying_zero = jnp.sum(mask, dtype=jnp.float32) * 0.0
 
   def routed(payload):
     """Dispatch, all_to_all, experts, all_to_all back, combine; then IR on the device's own experts."""
@@ -427,34 +430,53 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
         ir, y_local = rectify_locally(payload, probs, table, expert_weights, cfg=cfg, first_expert=first_expert,
                                       num_local=num_local)
         y = routing.ir_blend(y, y_local, ir.p, ir.lam, ir.total, ir.placed, eps=cfg.eps)
-    return y, _ir_sums(ir)
+    sums = {**_metric_sums(table), **_ir_sums(ir),
+            "slots": jnp.asarray(groups * num_experts * capacity, jnp.float32),
+            "a2a_rows": jnp.asarray(groups * num_experts * capacity, jnp.float32)}  # the buffers the all-to-all carries
+    return y, jax.tree.map(lambda v: v + varying_zero, sums)
 
   def local_only(payload):
-    """Gating Dropout's dropped step: every token to the best expert on its own device; no collective."""
+    """Gating Dropout's dropped step: every token to the best expert on its own device; no collective.
+
+    Its metrics describe this local step: demand = each token's local expert, accepted = tokens that fit the
+    local buffer (none under Gate-Expert-Drop), no all-to-all rows.
+    """
     with jax.named_scope("gating_dropout_local"):
-      if cfg.gating_dropout_mode == "gate_expert_drop":
-        return jnp.zeros_like(payload, dtype=jnp.float32), _ir_sums(None)
+      skip_expert = cfg.gating_dropout_mode == "gate_expert_drop"
       local_capacity = routing.ir_capacity_from_factor(group_size, num_local, cfg.capacity_factor)
       local_expert, p, slot, _ = routing.route_local(
           probs, mask, first_expert=first_expert, num_local=num_local, capacity=local_capacity,
           order_gate=table.gate[..., 0], by_probability=(cfg.priority == "bpr"))
-      weight = (jnp.ones_like(p) if cfg.gating_dropout_weight == "one" else p) * (slot >= 0)
+      placed = (slot >= 0) & (not skip_expert)
+      validf = mask.astype(jnp.float32)
+      chosen = jax.nn.one_hot(first_expert + local_expert, num_experts, dtype=jnp.float32) * validf[..., None]
+      sums = {"tokens": jnp.sum(validf), "dropped_choices": jnp.sum(validf) - jnp.sum(placed, dtype=jnp.float32),
+              "unrouted_tokens": jnp.sum(validf) - jnp.sum(placed, dtype=jnp.float32),
+              "filled_slots": jnp.sum(placed, dtype=jnp.float32), "fill_in_slots": jnp.zeros((), jnp.float32),
+              "expert_demand": jnp.sum(chosen, axis=(0, 1)),
+              "expert_load": jnp.sum(chosen * placed[..., None], axis=(0, 1)), **_ir_sums(None),
+              "slots": jnp.asarray(0 if skip_expert else groups * num_local * local_capacity, jnp.float32),
+              "a2a_rows": jnp.zeros((), jnp.float32)}
+      sums = jax.tree.map(lambda v: v + varying_zero, sums)
+      if skip_expert:
+        return jnp.zeros_like(payload, dtype=jnp.float32), sums
+      weight = (jnp.ones_like(p) if cfg.gating_dropout_weight == "one" else p) * placed
       buffers = dispatch_tokens(payload, local_expert[..., None], slot[..., None], num_buffers=num_local,
                                 capacity=local_capacity, impl=cfg.dispatch)
       out = expert_ffn(buffers, expert_weights, cfg.activation)
       y = combine_outputs(out, local_expert[..., None], slot[..., None], weight[..., None], impl=cfg.dispatch)
-      return y, _ir_sums(None)
+      return y, sums
 
   dropout_active = train and cfg.gating_dropout > 0 and drop is not None
   if dropout_active:
-    y, ir_sums = jax.lax.cond(drop, local_only, routed, payload)
+    y, sums = jax.lax.cond(drop, local_only, routed, payload)
     kept = 1.0 - drop.astype(jnp.float32)
     losses = {k: kept * v for k, v in losses.items()}  # no gate ran on a dropped step
   else:
-    y, ir_sums = routed(payload)
+    y, sums = routed(payload)
 
-  metrics = {**_metric_sums(table), **ir_sums, **losses}
-  metrics["slots"] = jnp.asarray(groups * num_experts * capacity, jnp.float32)
+  metrics = {**sums, **losses}
+  metrics["group_tokens"] = jnp.asarray(groups * group_size, jnp.float32)
   metrics["gating_dropped"] = drop.astype(jnp.float32) if dropout_active else jnp.zeros((), jnp.float32)
   return y.reshape(batch, seq, width).astype(x.dtype), metrics
 
@@ -507,6 +529,7 @@ def finalize_metrics(totals: dict[str, Array], losses: dict[str, Array]) -> dict
       "unrouted_rate": totals["unrouted_tokens"] / tokens,
       "padding_rate": 1.0 - totals["filled_slots"] / jnp.maximum(totals["slots"], 1.0),
       "fill_in_rate": totals["fill_in_slots"] / jnp.maximum(totals["slots"], 1.0),
+      "a2a_rows_per_token": totals["a2a_rows"] / jnp.maximum(totals["group_tokens"], 1.0),
       "ir_rate": totals["ir_rectified"] / tokens,
       "ir_overflow_rate": totals["ir_overflow"] / tokens,
       "tokens": totals["tokens"],
@@ -635,6 +658,4 @@ class MoEBlock(nnx.Module):
                   weight_specs, P(), P()),
         out_specs=(sharding.token_spec(3), P()), check_vma=True,
     )(x, token_mask.astype(bool), token_ids.astype(jnp.int32), router, weights, step, drop)
-    metrics["a2a_rows_per_token"] = jnp.asarray(cfg.num_experts * cfg.capacity(train) / cfg.group_size,
-                                                jnp.float32)
     return y, metrics
