@@ -562,6 +562,12 @@ class MoEBlock(nnx.Module):
   def __init__(self, cfg: MoEConfig, *, d_model: int, rngs: nnx.Rngs, vocab_size: int = 259,
                hash_table=None):
     cfg.validate()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and sharding.EXPERT in mesh.axis_names and cfg.num_experts % mesh.shape[sharding.EXPERT]:
+      raise ValueError(
+          f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis "
+          f"({mesh.shape[sharding.EXPERT]}); every device must hold the same number of experts. Use an expert "
+          f"axis that divides {cfg.num_experts}.")
     self.cfg = cfg
     self.d_model = d_model
     e, d, f = cfg.num_experts, d_model, cfg.expert_dim
