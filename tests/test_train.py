@@ -206,3 +206,15 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     train_lib.train_and_evaluate(config, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps == [2]
+
+
+def test_remat_gives_the_same_loss_and_gradients(tmp_path):
+  """Rematerialisation trades memory for compute; the numbers must not change."""
+  results = {}
+  for remat in (False, True):
+    config = train_helpers.tiny_config(tmp_path, steps=2)
+    config.model.remat = remat
+    summary = train_lib.train_and_evaluate(config, str(tmp_path / f"remat_{remat}"))
+    results[remat] = summary["train"]
+  np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(results[True]["grad_norm"], results[False]["grad_norm"], rtol=1e-4)
