@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import common
-from benchmarks.variants import VARIANTS
+from configs.paper import VARIANTS
 from rectify_moe import moe, sharding
 
 COLUMNS = ("variant", "all_to_all_ops", "all_to_all_bytes", "extra_vs_base_bytes", "all_reduce_ops",

@@ -24,7 +24,7 @@ if __name__ == "__main__":
 import numpy as np
 
 from benchmarks import common
-from benchmarks.variants import VARIANTS
+from configs.paper import VARIANTS
 from rectify_moe import sharding, train_lib
 
 COLUMNS = ("config", "variant", "median_ms", "tokens_per_s", "model_tflops", "mfu", "active_params_m")

@@ -500,9 +500,7 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sha
 # ---------------------------------------------------------------------------------------------------------
 def model_eval_step(graphdef, state, batch):
   """The training loop's eval step (`train_lib.eval_step`) on a model-only state."""
-  model = nnx.merge(graphdef, state)
-  ce_sum, correct, tokens, layer_metrics = train_lib._forward(model, batch, train=False)
-  return dict(ce_sum=ce_sum, correct=correct, tokens=tokens, layers=train_lib._stack_layer_metrics(layer_metrics))
+  return train_lib.eval_sums(nnx.merge(graphdef, state), batch)
 
 
 def jit_eval_step(graphdef, state, mesh: jax.sharding.Mesh):

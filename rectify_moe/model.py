@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rectify_moe import config_fields
 from rectify_moe import moe as moe_lib
 
 Array = jax.Array
@@ -71,12 +72,8 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, values: Any) -> "ModelConfig":
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"Unknown model config field(s) {unknown}; valid fields: {sorted(known)}.")
-    return cls(**values)
+    """From a mapping (e.g. an ml_collections ConfigDict); unknown keys are an error naming the key."""
+    return config_fields.dataclass_from_mapping(cls, values, "model")
 
 
 class RMSNorm(nnx.Module):

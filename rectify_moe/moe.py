@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rectify_moe import hash_routing, routing, sharding, stablemoe
+from rectify_moe import config_fields, hash_routing, routing, sharding, stablemoe
 
 Array = jax.Array
 
@@ -158,12 +158,7 @@ class MoEConfig:
   @classmethod
   def from_dict(cls, values: Any) -> "MoEConfig":
     """From a mapping (e.g. an ml_collections ConfigDict); unknown keys are an error naming the key."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"Unknown MoE config field(s) {unknown}; valid fields: {sorted(known)}.")
-    return cls(**values)
+    return config_fields.dataclass_from_mapping(cls, values, "MoE")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -237,11 +237,16 @@ def train_step(graphdef, state, batch, *, aux_weight: float, z_weight: float, sc
   return nnx.state((model, optimizer)), metrics
 
 
-def eval_step(graphdef, state, batch):
-  """Sums over one batch: ce_sum, correct, tokens and per-layer routing metrics ([num_moe_layers, ...])."""
-  model, _ = nnx.merge(graphdef, state)
+def eval_sums(model: model_lib.TransformerLM, batch: dict[str, Array]) -> dict[str, Any]:
+  """Sums over one batch in eval mode: ce_sum, correct, tokens and per-layer routing metrics [layers, ...]."""
   ce_sum, correct, tokens, layer_metrics = _forward(model, batch, train=False)
   return dict(ce_sum=ce_sum, correct=correct, tokens=tokens, layers=_stack_layer_metrics(layer_metrics))
+
+
+def eval_step(graphdef, state, batch):
+  """`eval_sums` of the model half of a (model, optimizer) state."""
+  model, _ = nnx.merge(graphdef, state)
+  return eval_sums(model, batch)
 
 
 def jit_steps(config, graphdef, state_shardings, mesh, schedule):
