@@ -289,9 +289,12 @@ def router_specs(base: Optional[moe_lib.MoEConfig], swaps: Sequence[str] = (),
     if spec in PRESETS:
       label = f"{spec} ({router_name(dataclasses.replace(base, **overrides))})"
     rows.append(make(label, overrides))
+  base_rows = list(rows)
   for cf in eval_capacity_factors:
-    for row in list(rows[:1 + len(expanded)]):
-      rows.append(make(f"{row.label} @cf={cf:g}", {**row.overrides, "eval_capacity_factor": float(cf)}))
+    for row in base_rows:
+      swept = make(f"{row.label} @cf={cf:g}", {**row.overrides, "eval_capacity_factor": float(cf)})
+      if swept.moe.capacity(False) != row.moe.capacity(False):  # else the row above says the same
+        rows.append(swept)
   return rows
 
 

@@ -504,7 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.time() - window_start
           rate = tokens_per_step * window_steps / max(elapsed, 1e-9)
           writer.scalars(step, "train", {**last_train, "tokens_per_second": rate})
-          _log(_progress_line(step, train_cfg.steps, last_train, rate))
+          _log(_progress_line(step, train_cfg.steps, last_train, rate,
+                              gating_dropout=config.moe.get("gating_dropout", 0.0) > 0))
           window_start, window_steps = time.time(), 0
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
           drain()
@@ -528,13 +529,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return dict(step=step, train=last_train, eval=last_eval, reason=reason, last_good_step=last_good_step)
 
 
-def _progress_line(step: int, total: int, metrics: dict[str, float], tokens_per_second: float) -> str:
+def _progress_line(step: int, total: int, metrics: dict[str, float], tokens_per_second: float,
+                   gating_dropout: bool = False) -> str:
   parts = [f"step {step}/{total}", f"loss {metrics.get('loss', float('nan')):.4f}",
            f"ce {metrics.get('ce', float('nan')):.4f}", f"lr {metrics.get('learning_rate', 0.0):.2e}",
            f"{tokens_per_second:,.0f} tok/s"]
   for key, label in (("drop_rate", "drop"), ("padding_rate", "pad"), ("fill_in_rate", "fill"), ("ir_rate", "ir"),
                      ("gating_dropped", "gd")):
-    if key in metrics:
+    if key in metrics and (key != "gating_dropped" or gating_dropout):
       parts.append(f"{label} {metrics[key]:.3f}")
   return "  ".join(parts)
 

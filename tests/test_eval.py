@@ -254,6 +254,8 @@ def test_router_specs_sweep_every_router_over_the_capacity_factors():
   assert {eval_lib.eval_capacity_factor(s.moe) for s in specs[5:10]} == {0.5}
   assert {eval_lib.eval_capacity_factor(s.moe) for s in specs[10:]} == {2.0}
   assert specs[14].moe.fill_in and specs[14].moe.ir_mode == "ignore_kth" and specs[14].label.startswith("ir_fr")
+  # A factor equal to the checkpoint's gives the rows above again: it adds none.
+  assert len(eval_lib.router_specs(base, ["presets"], [1.0, 0.5])) == 5 * 2
 
 
 @pytest.mark.parametrize("spec, message", [
