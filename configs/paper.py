@@ -3,7 +3,8 @@
 Each variant follows the official configs (ZhiYuanZeng/gpt-moe, see docs/routing_contract.md):
 - Top-1 uses the straight-through combine (forward weight 1);
 - FR = top-(k+1) ranking with capacity held at the top-k value;
-- IR = 'all' for Top-1+IR, 'any' for Top-2+IR (the authors' 8-expert run), 'ignore_kth' with FR.
+- IR = 'all' for Top-1+IR, 'any' for Top-2+IR (the authors' 8-expert run), 'ignore_kth' with FR; the IR
+  buffer is exact (no capacity, as the official code).
 Override the capacity factor with --config.moe.capacity_factor=0.5 (and eval_capacity_factor).
 """
 
@@ -29,6 +30,9 @@ def variant_config(name: str, base: ml_collections.ConfigDict | None = None) -> 
   config = default.get_config() if base is None else base
   config.moe.update(VARIANTS[name])
   config.moe.combine = "normalized"
+  # The official IR has no capacity: an exact buffer (S slots per local expert; cheap with one expert per
+  # device, L x S rows with L local experts). Set a factor to bound it, e.g. --config.moe.ir_capacity_factor=0.5.
+  config.moe.ir_capacity_factor = None
   return config
 
 

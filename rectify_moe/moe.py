@@ -297,8 +297,9 @@ def route_shard(xg: Array, mask: Array, router_params: dict[str, Array], *, cfg:
     reduce_axes: mesh axes over which batch-global quantities are summed (StableMoE's |A_i|), or None.
 
   Returns:
-    (probs float32[G, S, E] used for local choices, the RoutingTable, losses {"aux_loss", "z_loss",
-    "distill_loss"}; losses are per-device values whose pmean over the mesh is the global loss).
+    (probs float32[G, S, E] used for local choices, the RoutingTable, losses {"aux_loss", "distill_loss"}:
+    per-device values whose pmean over the mesh is the global loss, and "z_loss_sum": this device's sum of
+    logsumexp^2 over valid tokens, psum-ed and divided by the valid tokens of the mesh).
   """
   zero = jnp.zeros((), jnp.float32)
   num_experts = cfg.num_experts
@@ -312,7 +313,7 @@ def route_shard(xg: Array, mask: Array, router_params: dict[str, Array], *, cfg:
                                 token_mask=mask, eps=cfg.eps)
     losses = {"aux_loss": routing.load_balance_loss(probs, table.expert_index[..., :cfg.top_k], mask,
                                                     all_k=cfg.load_balance_all_k),
-              "z_loss": routing.router_z_loss(logits, mask), "distill_loss": zero}
+              "z_loss_sum": routing.router_z_loss(logits, mask, reduction="sum"), "distill_loss": zero}
     return probs, table, losses
 
   if cfg.router == "hash":
@@ -320,7 +321,7 @@ def route_shard(xg: Array, mask: Array, router_params: dict[str, Array], *, cfg:
     onehot = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
     table = routing.route_top_k(onehot, top_k=1, capacity=capacity, priority="position", combine="probs",
                                 token_mask=mask)  # weight 1 for accepted tokens: no gate
-    return onehot, table, {"aux_loss": zero, "z_loss": zero, "distill_loss": zero}
+    return onehot, table, {"aux_loss": zero, "z_loss_sum": zero, "distill_loss": zero}
 
   # StableMoE.
   # Shape: [G, S, E] = einsum("gsd,de->gse")
@@ -349,7 +350,7 @@ def route_shard(xg: Array, mask: Array, router_params: dict[str, Array], *, cfg:
   stage1 = 1.0 - stage2.astype(jnp.float32)
   balance = stablemoe.balance_loss_sum(scores, teacher, mask, counts, tokens) * scale
   distill = stablemoe.distill_loss_sum(distilled, teacher, mask) * scale
-  losses = {"aux_loss": stage1 * balance, "z_loss": routing.router_z_loss(scores, mask),
+  losses = {"aux_loss": stage1 * balance, "z_loss_sum": routing.router_z_loss(scores, mask, reduction="sum"),
             "distill_loss": stage1 * cfg.stablemoe_distill_weight * distill}
   return jax.nn.softmax(scores, axis=-1), table, losses
 
@@ -504,7 +505,8 @@ def rectify_locally(payload: Array, probs: Array, table: routing.RoutingTable, e
   return ir, y_local
 
 
-LOSS_KEYS = ("aux_loss", "z_loss", "distill_loss", "gating_dropped")
+# Per-device values whose mean over the mesh is the global value (the rest are psum-ed counts).
+LOSS_KEYS = ("aux_loss", "distill_loss", "gating_dropped")
 
 
 def reduce_metrics(sums: dict[str, Array], axes) -> dict[str, Array]:
@@ -517,6 +519,8 @@ def reduce_metrics(sums: dict[str, Array], axes) -> dict[str, Array]:
 def finalize_metrics(totals: dict[str, Array], losses: dict[str, Array]) -> dict[str, Array]:
   """Global rates from global totals (shared by the sharded block and single-device use)."""
   tokens = jnp.maximum(totals["tokens"], 1.0)
+  # The z-loss is a mean over all valid tokens of the mesh, whatever the padding on each device.
+  losses = {**losses, "z_loss": totals["z_loss_sum"] / tokens}
   top_k_choices = jnp.maximum(jnp.sum(totals["expert_demand"]), 1.0)
   return {
       **losses,

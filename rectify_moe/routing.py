@@ -522,14 +522,17 @@ def load_balance_loss(router_probs: Array, expert_index: Array, token_mask: Opti
   return jnp.mean(num_experts * jnp.sum(fraction * mean_probs, axis=-1))
 
 
-def router_z_loss(router_logits: Array, token_mask: Optional[Array] = None) -> Array:
-  """ST-MoE router z-loss: mean over valid tokens of `logsumexp(logits)^2` (float32 scalar).
+def router_z_loss(router_logits: Array, token_mask: Optional[Array] = None, reduction: str = "mean") -> Array:
+  """ST-MoE router z-loss: `logsumexp(logits)^2` over valid tokens, float32 scalar.
 
   Args:
     router_logits: float[G, S, E].
     token_mask: bool[G, S] or None.
+    reduction: "mean" over valid tokens, or "sum" (for a mean over several shards: psum the sums and
+      divide by the psum of the valid tokens).
   """
+  _check_choice("reduction", reduction, ("mean", "sum"))
   router_logits = router_logits.astype(jnp.float32)
   validf = _token_mask_or_default(router_logits, token_mask).astype(jnp.float32)
-  z = jax.nn.logsumexp(router_logits, axis=-1) ** 2
-  return jnp.sum(z * validf) / jnp.maximum(jnp.sum(validf), 1.0)
+  total = jnp.sum(jax.nn.logsumexp(router_logits, axis=-1) ** 2 * validf)
+  return total if reduction == "sum" else total / jnp.maximum(jnp.sum(validf), 1.0)

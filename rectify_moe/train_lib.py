@@ -431,8 +431,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   maybe_initialize_distributed(config)
   mesh_shape = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  saved_config = ml_collections.ConfigDict(config.to_dict())
+  saved_config.mesh.data, saved_config.mesh.expert = mesh_shape  # the mesh actually used (-1 resolved)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(saved_config.to_json_best_effort(indent=2))
 
   train_cfg = config.train
   mesh = sharding.make_mesh(*mesh_shape)
@@ -486,8 +488,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_good_step = step
     pending.clear()
 
+  saved_steps = set(checkpointer.all_steps())
+
   def save(step: int) -> None:
+    if step in saved_steps:  # e.g. a stop signal on a step that was just checkpointed
+      return
     checkpointer.save(step, state, {"iterator": train_iter.get_state(), "step": step})
+    saved_steps.add(step)
 
   step = start_step
   try:
@@ -551,5 +558,9 @@ def run_main(config: ml_collections.ConfigDict, workdir: str) -> int:
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt:
+    print("Interrupted by a second Ctrl-C: stopped without saving; rerun to resume from the last checkpoint.",
+          file=sys.stderr)
+    return 130
   _log(f"Done: {summary['reason']} at step {summary['step']}. Outputs in {os.path.abspath(workdir)}.")
   return 0

@@ -204,8 +204,9 @@ def _metrics(routes, cfg):
     per_dev = routes["per_device"]
     aux = np.mean([rr.load_balance_loss(d["probs"], d["table"]["expert_index"][..., :k], d["mask"],
                                         all_k=cfg.load_balance_all_k) for d in per_dev])
-    # The block reduces the per-shard z-loss (masked mean over the shard's valid tokens) with a pmean.
-    z = np.mean([rr.router_z_loss(d["logits"], d["mask"]) for d in per_dev])
+    # The z-loss is the mean over ALL valid tokens of the mesh (not a mean of per-device means).
+    valid = [float(np.sum(d["mask"])) for d in per_dev]
+    z = sum(rr.router_z_loss(d["logits"], d["mask"]) * n for d, n in zip(per_dev, valid)) / max(sum(valid), 1.0)
     den = max(tokens, 1)
     return dict(tokens=float(tokens), drop_rate=dropped / max(k * tokens, 1), unrouted_rate=unrouted / den,
                 padding_rate=1.0 - filled / slots, fill_in_rate=fill_in / slots, ir_rate=ir_rect / den,
@@ -255,8 +256,6 @@ def frozen_routes(routes, cfg, max_devices=8, max_choices=3) -> dict[str, Any]:
     valid = routes["mask"].reshape(-1).astype(np.float32)
     group_onehot = np.eye(routes["num_groups"], dtype=np.float32)[routes["group"].reshape(-1)]
     device_onehot = np.eye(max_devices, dtype=np.float32)[routes["device"].reshape(-1)]
-    device_weight = np.zeros(max_devices, np.float32)
-    device_weight[:n_dev] = 1.0 / n_dev
     # Ranks counted in the load-balance loss: the first choice, or all top-k ranks.
     rank_weight = np.zeros(max_choices, np.float32)
     rank_weight[:cfg.top_k if cfg.load_balance_all_k else 1] = 1.0
@@ -264,8 +263,7 @@ def frozen_routes(routes, cfg, max_devices=8, max_choices=3) -> dict[str, Any]:
                 accepted=np.pad(routes["slot"] >= 0, pad), placed=routes["ir_placed"],
                 ir_expert=routes["ir_expert"].astype(np.int32), lam=routes["ir_lam"].astype(np.float32),
                 straight_through=np.float32(cfg.straight_through), rank_weight=rank_weight,
-                group_onehot=group_onehot * valid[:, None], device_onehot=device_onehot * valid[:, None],
-                device_weight=device_weight)
+                group_onehot=group_onehot * valid[:, None], device_onehot=device_onehot * valid[:, None])
 
 
 def reference_loss_jax(params, x, frozen, cot, *, activation, combine, eps, aux_weight, z_weight):
@@ -321,8 +319,8 @@ def reference_loss_jax(params, x, frozen, cot, *, activation, combine, eps, aux_
     f = (gone.T @ counted) / n_g[:, None]
     P = (gone.T @ probs) / n_g[:, None]
     aux = jnp.mean(E * jnp.sum(f * P, -1))
-    # z-loss: per-device masked mean of logsumexp^2, averaged over the devices.
+    # z-loss: mean of logsumexp^2 over all valid tokens of the mesh.
     lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2
-    done = frozen["device_onehot"]  # [N, max_devices], zero rows for padding
-    z = jnp.sum(frozen["device_weight"] * (done.T @ lse2) / jnp.maximum(done.sum(0), 1.0))
+    valid = frozen["device_onehot"].sum(1)  # [N], 0 for padding
+    z = jnp.sum(valid * lse2) / jnp.maximum(jnp.sum(valid), 1.0)
     return jnp.sum(y * cot) + aux_weight * aux + z_weight * z, y

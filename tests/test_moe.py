@@ -497,13 +497,26 @@ def test_token_mask(name):
     assert got["metrics"]["tokens"] == MASK.sum()
     np.testing.assert_allclose(got["y"], ref["y"], **REF_TOL)
     # Rates, demand and load recounted from the reference tables of all devices; losses too (the z-loss
-    # is the mean over devices of each shard's masked mean, as the block reduces it with a pmean).
+    # is the mean over ALL valid tokens of the mesh, so it does not depend on how padding falls on devices).
     assert_metrics_match(got["metrics"], ref["metrics"])
     assert_grads_close(got, ref, REF_TOL, f"{name} masked")
     # Padding changes nothing for the valid tokens' routing counts except removing the padded tokens.
     full = cached_run(name, (2, 4))
     assert full["metrics"]["tokens"] == B * T
     assert np.sum(got["metrics"]["expert_demand"]) == MASK.sum() * make_cfg(name).top_k
+
+
+def test_z_loss_with_uneven_padding_is_the_same_on_every_mesh():
+  """The z-loss and its router gradient are a global masked mean: padding spread unevenly over devices
+  must not change them (a mean of per-device means would)."""
+  values = {}
+  for mesh_shape in ((1, 1), (2, 4), (8, 1)):
+    got = cached_run("top2", mesh_shape, masked=True)
+    values[mesh_shape] = got["metrics"]["z_loss"]
+  counts = MASK.reshape(8, -1).sum(1)
+  assert counts.min() != counts.max(), "the test needs uneven padding over the 8 devices"
+  np.testing.assert_allclose(values[(2, 4)], values[(1, 1)], rtol=1e-6)
+  np.testing.assert_allclose(values[(8, 1)], values[(1, 1)], rtol=1e-6)
 
 
 def test_metric_values_are_consistent_with_tables():

@@ -218,3 +218,22 @@ def test_remat_gives_the_same_loss_and_gradients(tmp_path):
     results[remat] = summary["train"]
   np.testing.assert_allclose(results[True]["loss"], results[False]["loss"], rtol=1e-5)
   np.testing.assert_allclose(results[True]["grad_norm"], results[False]["grad_norm"], rtol=1e-4)
+
+
+def test_stop_signal_on_a_checkpoint_step_saves_once_and_exits_cleanly(tmp_path, monkeypatch):
+  """A SIGTERM that lands on a step that is checkpointed anyway must not try to save that step twice."""
+  config = train_helpers.tiny_config(tmp_path, steps=1000)
+  config.train.update(dict(checkpoint_every=1, eval_every=100000, log_every=100000))
+  real_global_batch, calls = train_lib.global_batch, []
+
+  def global_batch(local, mesh):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer: stop after this step
+    return real_global_batch(local, mesh)
+
+  monkeypatch.setattr(train_lib, "global_batch", global_batch)
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["reason"] == "stopped by SIGTERM" and summary["step"] == 3
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit())
+  assert steps == [1, 2, 3]
