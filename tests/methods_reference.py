@@ -55,12 +55,8 @@ def device_slices(batch, mesh_shape, num_experts):
 # ------------------------------------------------------------------------------------------------
 # StableMoE losses (spec A.3 items 4-5), token loops.
 # ------------------------------------------------------------------------------------------------
-def stablemoe_balance_loss(scores, assignment, mask, counts=None, tokens=None):
-    """L_bal = sum_i (|A_i| - n_bar)/n_bar * sum_{t in A_i} sigmoid(s_{t,i}), without alpha.
-
-    scores [N, E], assignment [N], mask [N] (False = padding: not in any A_i). |A_i| and the token total
-    default to this batch's valid tokens; pass the whole routed batch's values for one shard's part.
-    """
+def _balance_setup(scores, assignment, mask, counts, tokens):
+    """float64 scores, the valid token indices, |A_i| and n_bar (defaults: this batch's valid tokens)."""
     scores = np.asarray(scores, np.float64)
     n, num_experts = scores.shape
     valid = [t for t in range(n) if mask[t]]
@@ -68,9 +64,18 @@ def stablemoe_balance_loss(scores, assignment, mask, counts=None, tokens=None):
         counts = [sum(1 for t in valid if assignment[t] == i) for i in range(num_experts)]
     if tokens is None:
         tokens = len(valid)
-    n_bar = tokens / num_experts
+    return scores, valid, counts, tokens / num_experts
+
+
+def stablemoe_balance_loss(scores, assignment, mask, counts=None, tokens=None):
+    """L_bal = sum_i (|A_i| - n_bar)/n_bar * sum_{t in A_i} sigmoid(s_{t,i}), without alpha.
+
+    scores [N, E], assignment [N], mask [N] (False = padding: not in any A_i). |A_i| and the token total
+    default to this batch's valid tokens; pass the whole routed batch's values for one shard's part.
+    """
+    scores, valid, counts, n_bar = _balance_setup(scores, assignment, mask, counts, tokens)
     total = 0.0
-    for i in range(num_experts):
+    for i in range(scores.shape[1]):
         members = [t for t in valid if assignment[t] == i]
         coef = (counts[i] - n_bar) / n_bar
         total += coef * sum(float(sigmoid(scores[t, i])) for t in members)
@@ -79,14 +84,7 @@ def stablemoe_balance_loss(scores, assignment, mask, counts=None, tokens=None):
 
 def stablemoe_balance_grad(scores, assignment, mask, counts=None, tokens=None):
     """dL_bal/ds [N, E]: only at (t, a_t) of valid tokens, coef(a_t) * sigma'(s_{t,a_t})."""
-    scores = np.asarray(scores, np.float64)
-    n, num_experts = scores.shape
-    valid = [t for t in range(n) if mask[t]]
-    if counts is None:
-        counts = [sum(1 for t in valid if assignment[t] == i) for i in range(num_experts)]
-    if tokens is None:
-        tokens = len(valid)
-    n_bar = tokens / num_experts
+    scores, valid, counts, n_bar = _balance_setup(scores, assignment, mask, counts, tokens)
     grad = np.zeros_like(scores)
     for t in valid:
         i = assignment[t]
