@@ -257,10 +257,12 @@ def expert_ffn(buffers: Array, weights: dict[str, Array], activation: str) -> Ar
 def _metric_sums(table: routing.RoutingTable) -> dict[str, Array]:
   """Per-device counts that are psum-reduced into global rates."""
   stats = table.stats
+  tokens = jnp.sum(stats.num_tokens)
+  # Counts straight from the table (padding is never accepted), not rates multiplied back.
   return {
-      "tokens": jnp.sum(stats.num_tokens),
-      "dropped_choices": jnp.sum(stats.drop_rate * stats.num_tokens * table.top_k),
-      "unrouted_tokens": jnp.sum(stats.unrouted_rate * stats.num_tokens),
+      "tokens": tokens,
+      "dropped_choices": table.top_k * tokens - jnp.sum(table.accepted[..., :table.top_k], dtype=jnp.float32),
+      "unrouted_tokens": jnp.sum(table.token_mask & (table.num_accepted == 0), dtype=jnp.float32),
       "filled_slots": jnp.sum(stats.expert_load),
       "fill_in_slots": jnp.sum(stats.fill_in_slots),
       "expert_demand": jnp.sum(stats.expert_demand, axis=0),
