@@ -614,12 +614,9 @@ def evaluate_router(eval_fn, state, batches, mesh: jax.sharding.Mesh, *, moe_cfg
         layers.add(out["layers"], rows * jax.process_count(), seq_len)
       if log is not None:
         log(f"[eval] {label}: batch {i + 1}/{num_batches}  ({time.time() - start:.1f}s)")
-  tokens = max(totals["tokens"], 1.0)
-  loss = totals["ce_sum"] / tokens
   per_layer = layers.result(moe_layer_indices) if layers is not None else []
   result: dict[str, Any] = {
-      "loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "accuracy": totals["correct"] / tokens,
-      "tokens": int(totals["tokens"]), "layers": per_layer,
+      **train_lib.lm_metrics(totals), "tokens": int(totals["tokens"]), "layers": per_layer,
       "mean": {k: float(np.mean([layer[k] for layer in per_layer])) for k in LAYER_MEAN_KEYS} if per_layer else {},
   }
   return result

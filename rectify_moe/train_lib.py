@@ -270,6 +270,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
           for k in ("inputs", "targets", "token_mask")}
 
 
+def lm_metrics(totals: dict[str, float]) -> dict[str, float]:
+  """Loss, perplexity and token accuracy from summed "ce_sum", "correct" and "tokens"."""
+  tokens = max(totals["tokens"], 1.0)
+  loss = totals["ce_sum"] / tokens
+  return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "accuracy": totals["correct"] / tokens}
+
+
 def evaluate(eval_fn, state, batches, mesh) -> dict[str, Any]:
   """Held-out loss, perplexity, token accuracy and per-layer routing metrics over `batches`."""
   totals, layer_sums, layer_weights = {"ce_sum": 0.0, "correct": 0.0, "tokens": 0.0}, None, 0.0
@@ -285,10 +292,7 @@ def evaluate(eval_fn, state, batches, mesh) -> dict[str, Any]:
                 for k, v in layers.items()}
       layer_sums = scaled if layer_sums is None else {k: layer_sums[k] + scaled[k] for k in scaled}
       layer_weights += weight
-  tokens = max(totals["tokens"], 1.0)
-  loss = totals["ce_sum"] / tokens
-  result: dict[str, Any] = dict(loss=loss, perplexity=float(math.exp(min(loss, 50.0))),
-                                accuracy=totals["correct"] / tokens, tokens=totals["tokens"])
+  result: dict[str, Any] = dict(lm_metrics(totals), tokens=totals["tokens"])
   if layer_sums is not None:
     per_layer = {}
     for k, v in layer_sums.items():
