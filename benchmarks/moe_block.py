@@ -1,6 +1,6 @@
 """Forward+backward time of one MoE block on one device, against the ideal balanced batched matmul.
 
-For each variant (vanilla, +IR, +FR, +IR+FR), dispatch implementation (einsum masks / index scatter) and
+For each variant (vanilla, +IR, +FR, +IR+FR), dispatch implementation (einsum masks / index gathers) and
 group size S, it times `jit(grad)` of the block body (no communication: one device) and reports
 - useful TF/s = 12 * T * k * D * F / time (forward+backward FLOPs of the assigned tokens of a 2-matmul GELU
   expert, the anchors' convention: padding, masks and routing are overhead),
@@ -30,35 +30,55 @@ from benchmarks import common
 from rectify_moe import moe
 
 SHAPES = {
-    # tokens T, width D, hidden F, experts E, k, capacity factor, group sizes
+    # tokens T, width D, hidden F, experts E, k, capacity factor, group sizes (all: router_skew 0.2)
     "tiny": dict(tokens=256, d_model=32, expert_dim=64, num_experts=4, top_k=2, capacity_factor=1.25,
-                 group_sizes=(64,)),
+                 group_sizes=(64,), router_skew=0.2),
     "cpu_small": dict(tokens=4096, d_model=256, expert_dim=1024, num_experts=8, top_k=2, capacity_factor=1.25,
-                      group_sizes=(256, 1024)),
+                      group_sizes=(256, 1024), router_skew=0.2),
     "anchor_e8": dict(tokens=16384, d_model=2048, expert_dim=8192, num_experts=8, top_k=2, capacity_factor=1.25,
-                      group_sizes=(1024, 4096)),
+                      group_sizes=(1024, 4096), router_skew=0.2),
     "anchor_e64": dict(tokens=16384, d_model=2048, expert_dim=1024, num_experts=64, top_k=4, capacity_factor=1.25,
-                       group_sizes=(1024,)),
+                       group_sizes=(1024,), router_skew=0.2),
     "mixtral": dict(tokens=8192, d_model=4096, expert_dim=14336, num_experts=8, top_k=2, capacity_factor=1.25,
-                    group_sizes=(4096,)),
+                    group_sizes=(4096,), router_skew=0.2),
 }
 RECTIFY = {"vanilla": dict(fill_in=False, ir_mode=None), "ir": dict(fill_in=False, ir_mode="any"),
            "fr": dict(fill_in=True, ir_mode=None), "ir_fr": dict(fill_in=True, ir_mode="ignore_kth")}
 COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
-           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "mask_mb", "peak_mb")
+           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "experts_floor_ms", "router_ms",
+           "overhead_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_overflow_rate")
 
 
 def _inputs(shape, dtype):
   keys = jax.random.split(jax.random.key(0), 5)
   t, d, f, e = shape["tokens"], shape["d_model"], shape["expert_dim"], shape["num_experts"]
-  x = jax.random.normal(keys[0], (1, t, d), dtype)
+  # A component shared by all tokens shifts every expert's logit by its own amount, so expert popularity
+  # differs as under a trained router and the capacity really drops tokens (router_skew 0.2: about 3% of
+  # top-2 choices at capacity factor 1.25); without it the random router is balanced and IR has no work.
+  shared = shape.get("router_skew", 0.0) * jax.random.normal(keys[4], (d,), jnp.float32)
+  x = (jax.random.normal(keys[0], (1, t, d), jnp.float32) + shared).astype(dtype)
   router = jax.random.normal(keys[1], (d, e), jnp.float32) * 0.02
   weights = {"w_up": jax.random.normal(keys[2], (e, d, f), dtype) * d ** -0.5,
              "w_down": jax.random.normal(keys[3], (e, f, d), dtype) * f ** -0.5}
   return x, router, weights
 
 
-def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_factor, warmup, repeats):
+def _cotangent(shape_, dtype, seed=7):
+  """A fixed random output cotangent.
+
+  Every timed function is value_and_grad of sum(out * cotangent): the value keeps the forward output alive
+  and the cotangent is not a constant. Timing grad(sum(out)) instead lets XLA drop the last forward matmul
+  (only the discarded value needs it) and simplify the backward against an all-ones cotangent, so an ideal
+  timed that way skips work a real model does (measured on an H100: 5 of the 6 expert matmuls ran).
+  """
+  return jax.random.normal(jax.random.key(seed), shape_, dtype)
+
+
+def _project(out, cotangent):
+  return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+
+def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
   cfg = moe.MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
                       capacity_factor=shape["capacity_factor"], group_size=group_size, activation="gelu",
                       dispatch=dispatch, dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
@@ -66,44 +86,101 @@ def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_facto
   x, router, weights = _inputs(shape, dtype)
   mask = jnp.ones(x.shape[:2], bool)
 
-  def loss(x, router, weights):
+  cot = _cotangent(x.shape, dtype)
+
+  def loss(x, router, weights, cot):
     y, sums = moe.moe_shard_body(x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1,
                                  expert_axis=None)
-    return jnp.sum(y.astype(jnp.float32)) + sums["aux_loss"]
+    return _project(y, cot) + sums["aux_loss"]
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  timing = common.time_fn(lambda: step(x, router, weights), warmup=warmup, repeats=repeats)
-  return cfg, timing
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  timing = common.time_fn(lambda: step(x, router, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
+  _, sums = jax.jit(lambda x, router, weights: moe.moe_shard_body(
+      x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1, expert_axis=None))(x, router, weights)
+  stats = moe.finalize_metrics(sums, {k: sums[k] for k in moe.LOSS_KEYS})
+  return cfg, timing, {k: float(stats[k]) for k in ("drop_rate", "padding_rate", "fill_in_rate", "ir_rate",
+                                                     "ir_overflow_rate")}
 
 
-def ideal_time(shape, *, dtype, warmup, repeats):
+def ideal_time(shape, *, dtype, warmup, repeats, inner):
   """Pre-balanced tokens [E, T*k/E, D] through the experts: the best a capacity-free MoE could do."""
   e = shape["num_experts"]
   rows = shape["tokens"] * shape["top_k"] // e
   _, _, weights = _inputs(shape, dtype)
   xb = jax.random.normal(jax.random.key(1), (e, 1, rows, shape["d_model"]), dtype)
 
-  def loss(xb, weights):
-    return jnp.sum(moe.expert_ffn(xb, weights, "gelu").astype(jnp.float32))
+  cot = _cotangent(xb.shape, dtype)
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return common.time_fn(lambda: step(xb, weights), warmup=warmup, repeats=repeats)
+  def loss(xb, weights, cot):
+    return _project(moe.expert_ffn(xb, weights, "gelu"), cot)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return common.time_fn(lambda: step(xb, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
+
+
+def capacity_bmm_time(shape, group_size, *, dtype, warmup, repeats, inner):
+  """The experts alone on full capacity buffers [E, G, C, D]: the floor of any capacity-based block."""
+  e, groups = shape["num_experts"], shape["tokens"] // group_size
+  capacity = moe.MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+                           capacity_factor=shape["capacity_factor"], group_size=group_size).capacity(True)
+  _, _, weights = _inputs(shape, dtype)
+  buffers = jax.random.normal(jax.random.key(2), (e, groups, capacity, shape["d_model"]), dtype)
+
+  cot = _cotangent(buffers.shape, dtype)
+
+  def loss(buffers, weights, cot):
+    return _project(moe.expert_ffn(buffers, weights, "gelu"), cot)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return common.time_fn(lambda: step(buffers, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
+
+
+def router_time(shape, variant, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
+  """Routing alone (logits, softmax, top-k, slots, IR choice, losses), forward+backward into the router."""
+  cfg = moe.MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+                      capacity_factor=shape["capacity_factor"], group_size=group_size, **RECTIFY[variant])
+  x, router, _ = _inputs(shape, dtype)
+  xg = x.reshape(-1, group_size, shape["d_model"])
+  mask = jnp.ones(xg.shape[:2], bool)
+
+  def loss(xg, router):
+    probs, table, losses = moe.route_shard(xg, mask, {"kernel": router}, cfg=cfg, train=True,
+                                           capacity=cfg.capacity(True), token_ids=None, step=None,
+                                           reduce_axes=None)
+    out = jnp.sum(table.combine_weight) + losses["aux_loss"]
+    if cfg.ir_mode is not None:
+      ir = moe.routing.intra_device_choice(probs, table, first_expert=0, num_local=shape["num_experts"],
+                                           mode=cfg.ir_mode, ir_capacity=moe.routing.ir_capacity_from_factor(
+                                               group_size, shape["num_experts"], ir_capacity_factor))
+      out = out + jnp.sum(ir.p * ir.placed)
+    return out
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return common.time_fn(lambda: step(xg, router), warmup=warmup, repeats=repeats, inner=inner)
 
 
 def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), dtype=None, warmup=2,
-        repeats=5, ir_capacity_factor=0.25, out_dir=None, name=None):
+        repeats=5, inner=None, ir_capacity_factor=0.25, out_dir=None, name=None):
   shape = SHAPES[shape_name]
-  dtype = dtype or (jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+  gpu = jax.default_backend() == "gpu"
+  dtype = dtype or (jnp.bfloat16 if gpu else jnp.float32)
+  inner = inner or (5 if gpu else 1)
+  timing_args = dict(dtype=dtype, warmup=warmup, repeats=repeats, inner=inner)
   useful_flops = 12 * shape["tokens"] * shape["top_k"] * shape["d_model"] * shape["expert_dim"]
-  ideal = ideal_time(shape, dtype=dtype, warmup=warmup, repeats=repeats)
+  ideal = ideal_time(shape, **timing_args)
   ideal_tflops = useful_flops / ideal["median_s"] / 1e12
   print(f"[{shape_name}] ideal balanced bmm: {ideal['median_s'] * 1e3:.2f} ms, {ideal_tflops:.2f} TF/s", flush=True)
   rows, vanilla_ms = [], {}
   for group_size in shape["group_sizes"]:
+    floor_ms = capacity_bmm_time(shape, group_size, **timing_args)["median_s"] * 1e3
+    router_ms = {v: router_time(shape, v, group_size, ir_capacity_factor=ir_capacity_factor,
+                                **timing_args)["median_s"] * 1e3 for v in variants}
+    print(f"  S={group_size:5d} experts alone on the capacity buffers: {floor_ms:.2f} ms; router alone: "
+          + ", ".join(f"{v} {ms:.2f} ms" for v, ms in router_ms.items()), flush=True)
     for dispatch in dispatches:
       for variant in variants:
-        cfg, timing = block_time(shape, variant, dispatch, group_size, dtype=dtype,
-                                 ir_capacity_factor=ir_capacity_factor, warmup=warmup, repeats=repeats)
+        cfg, timing, stats = block_time(shape, variant, dispatch, group_size,
+                                        ir_capacity_factor=ir_capacity_factor, **timing_args)
         ms = timing["median_s"] * 1e3
         if variant == "vanilla":
           vanilla_ms[(dispatch, group_size)] = ms
@@ -116,14 +193,17 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
                "useful_tflops": useful, "ideal_tflops": ideal_tflops, "ratio_to_ideal": useful / ideal_tflops,
                "ratio_to_ideal_over_cf": useful / (ideal_tflops / shape["capacity_factor"]),
                "time_vs_vanilla": ms / vanilla_ms.get((dispatch, group_size), ms),
+               "experts_floor_ms": floor_ms, "router_ms": router_ms[variant], "overhead_ms": ms - floor_ms,
                "mask_mb": mask_elems * jnp.dtype(dtype).itemsize / 2**20 if dispatch == "einsum" else 0.0,
-               "peak_mb": None if peak is None else peak / 2**20}
+               "peak_mb": None if peak is None else peak / 2**20, **stats}
         rows.append(row)
         print(f"  S={group_size:5d} {dispatch:6s} {variant:7s} {ms:9.2f} ms  {useful:7.2f} useful TF/s  "
               f"x{row['ratio_to_ideal']:.2f} of ideal  x{row['time_vs_vanilla']:.2f} vs vanilla", flush=True)
   notes = (f"Shape {shape_name}: {shape}; dtype {jnp.dtype(dtype).name}; IR buffer ir_capacity_factor="
            f"{ir_capacity_factor} (IR mode 'any', 'ignore_kth' with FR); forward+backward of one block on one "
-           f"device (no all-to-all); median of {repeats} runs after {warmup} warm-up runs."
+           f"device (no all-to-all); median of {repeats} samples of {inner} back-to-back calls after {warmup} warm-up "
+           f"calls. experts_floor_ms: the experts alone on full capacity buffers [E, G, C, D]; router_ms: routing "
+           f"alone; overhead_ms = median_ms - experts_floor_ms."
            + ("" if jax.default_backend() == "gpu" else " CPU-only figures: not comparable with the GPU anchors."))
   common.write_results(name or f"moe_block_{shape_name}_{jax.default_backend()}", rows, COLUMNS, notes,
                        out_dir=out_dir)
@@ -137,11 +217,15 @@ def main(argv=None):
   parser.add_argument("--variants", default=",".join(RECTIFY))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--inner", type=int, default=None, help="back-to-back calls per timed sample "
+                      "(default 5 on GPU, 1 on CPU)")
   parser.add_argument("--ir_capacity_factor", type=float, default=0.25)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--name", default=None, help="result file name (default moe_block_<shape>_<backend>)")
   args = parser.parse_args(argv)
   run(args.shape, variants=tuple(args.variants.split(",")), dispatches=tuple(args.dispatch.split(",")),
-      warmup=args.warmup, repeats=args.repeats, ir_capacity_factor=args.ir_capacity_factor, out_dir=args.out)
+      warmup=args.warmup, repeats=args.repeats, inner=args.inner, ir_capacity_factor=args.ir_capacity_factor,
+      out_dir=args.out, name=args.name)
 
 
 if __name__ == "__main__":

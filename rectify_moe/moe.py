@@ -2,8 +2,9 @@
 
 Each device:
   1. groups its own tokens `[G_l, S, D]`, computes float32 router probabilities and its routing table;
-  2. dispatches into `[E, G_l, C, D]` capacity buffers (einsum masks or index scatter);
-  3. `all_to_all` over `expert` -> `[L, n_exp * G_l, C, D]`, runs its L experts, `all_to_all` back;
+  2. dispatches into `[E, G_l, C, D]` capacity buffers (einsum masks, or gathers: `index_dispatch`);
+  3. `all_to_all` over `expert` -> `[L, n_exp * G_l, C, D]`, runs its L experts (with the IR buffers of
+     step 5 in the same matmuls), `all_to_all` back;
   4. combines `[G_l, S, D]`;
   5. Intra-device Rectification: under-served tokens go through the device's own experts in a static IR
      buffer (no collective) and are blended in;
@@ -20,10 +21,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rectify_moe import config_fields, hash_routing, routing, sharding, stablemoe
+from rectify_moe import config_fields, hash_routing, index_dispatch, routing, sharding, stablemoe
 
 Array = jax.Array
 
@@ -55,7 +57,7 @@ class MoEConfig:
     straight_through: top-1 straight-through combine (forward weight 1); needs K == 1.
     group_size: S, tokens per routing group (must divide the tokens of each device).
     activation: "swiglu" (w_gate, w_up, w_down) | "gelu" (w_up, w_down).
-    dispatch: "einsum" (one-hot masks) | "index" (scatter/gather into the same buffers).
+    dispatch: "einsum" (one-hot masks) | "index" (gathers into the same buffers, forward and backward; faster on GPU).
     dtype: expert compute and all-to-all payload dtype, "float32" | "bfloat16"; the router is float32.
     load_balance_all_k: count all k choices in the load-balance loss (default: first choice).
     router_init_std: std of the normal init of the router kernel.
@@ -172,7 +174,7 @@ def _buffer_masks(buffer_index: Array, slot: Array, num_buffers: int, capacity: 
 
 def dispatch_tokens(x: Array, buffer_index: Array, slot: Array, *, num_buffers: int, capacity: int,
                     impl: str) -> Array:
-  """Scatters tokens into capacity buffers.
+  """Copies tokens into capacity buffers.
 
   Args:
     x: [G, S, D] tokens (payload dtype).
@@ -180,23 +182,19 @@ def dispatch_tokens(x: Array, buffer_index: Array, slot: Array, *, num_buffers: 
     slot: int32[G, S, K] slot in that buffer, -1 = not dispatched.
     num_buffers: B (experts).
     capacity: C.
-    impl: "einsum" (one-hot dispatch mask) or "index" (scatter-add; each slot holds one token).
+    impl: "einsum" (one-hot dispatch mask) or "index" (gathers both ways, see `index_dispatch`).
 
   Returns:
     [B, G, C, D] in x.dtype; unfilled slots are zero rows (padding).
   """
-  groups, tokens, choices = slot.shape
   if impl == "einsum":
     expert_onehot, slot_onehot = _buffer_masks(buffer_index, slot, num_buffers, capacity)
     # Shape: [G, S, B, C] = einsum("gskb,gskc->gsbc")
     mask = jnp.einsum("gskb,gskc->gsbc", expert_onehot, slot_onehot).astype(x.dtype)
     # Shape: [B, G, C, D] = einsum("gsbc,gsd->bgcd")
     return jnp.einsum("gsbc,gsd->bgcd", mask, x)
-  group_index = jnp.broadcast_to(jnp.arange(groups)[:, None, None], slot.shape)
-  safe_slot = jnp.where(slot >= 0, slot, capacity)  # out of bounds -> dropped by mode="drop"
-  updates = jnp.broadcast_to(x[:, :, None, :], (groups, tokens, choices, x.shape[-1]))
-  buffers = jnp.zeros((num_buffers, groups, capacity, x.shape[-1]), x.dtype)
-  return buffers.at[buffer_index, group_index, safe_slot].add(updates, mode="drop")
+  return index_dispatch.dispatch(x, index_dispatch.slot_map(buffer_index, slot, num_buffers=num_buffers,
+                                                              capacity=capacity))
 
 
 def combine_outputs(out: Array, buffer_index: Array, slot: Array, weight: Array, *, impl: str) -> Array:
@@ -219,12 +217,8 @@ def combine_outputs(out: Array, buffer_index: Array, slot: Array, weight: Array,
     combine = jnp.einsum("gsk,gskb,gskc->gsbc", weight, expert_onehot, slot_onehot).astype(out.dtype)
     # Shape: [G, S, D] = einsum("gsbc,bgcd->gsd")
     return jnp.einsum("gsbc,bgcd->gsd", combine, out, preferred_element_type=jnp.float32)
-  group_index = jnp.broadcast_to(jnp.arange(groups)[:, None, None], slot.shape)
-  # Shape: [G, S, K, D]
-  picked = out[buffer_index, group_index, jnp.maximum(slot, 0)].astype(jnp.float32)
-  picked = jnp.where((slot >= 0)[..., None], picked, 0.0)
-  # Shape: [G, S, D] = einsum("gsk,gskd->gsd")
-  return jnp.einsum("gsk,gskd->gsd", weight, picked)
+  return index_dispatch.combine(out, weight, index_dispatch.slot_map(buffer_index, slot, num_buffers=num_buffers,
+                                                                    capacity=capacity))
 
 
 def expert_ffn(buffers: Array, weights: dict[str, Array], activation: str) -> Array:
@@ -249,6 +243,30 @@ def expert_ffn(buffers: Array, weights: dict[str, Array], activation: str) -> Ar
     hidden = jax.nn.gelu(up)
   # Shape: [L, N, C, D] = einsum("lncf,lfd->lncd")
   return jnp.einsum("lncf,lfd->lncd", hidden, weights["w_down"].astype(dtype))
+
+
+def expert_ffn_joint(parts: list[Array], weights: dict[str, Array], activation: str) -> list[Array]:
+  """Runs the same L experts over the rows of several buffers in one pass.
+
+  One matmul per weight over all rows, instead of one per buffer: no small matmuls, and no second weight
+  gradient to add (the main capacity buffers and the IR buffers share the device's experts).
+
+  Args:
+    parts: buffers [L, N_i, C_i, D] (payload dtype), the same L and D.
+    weights, activation: as `expert_ffn`.
+
+  Returns:
+    The outputs, one per part, of the same shapes.
+  """
+  if len(parts) == 1:
+    return [expert_ffn(parts[0], weights, activation)]
+  num_local, width = parts[0].shape[0], parts[0].shape[-1]
+  rows = [p.shape[1] * p.shape[2] for p in parts]
+  # Shape: [L, 1, sum_i N_i * C_i, D]
+  joint = jnp.concatenate([p.reshape(num_local, 1, r, width) for p, r in zip(parts, rows)], axis=2)
+  out = expert_ffn(joint, weights, activation)
+  bounds = np.cumsum([0] + rows)
+  return [out[:, :, a:b].reshape(p.shape) for p, a, b in zip(parts, bounds[:-1], bounds[1:])]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,25 +426,31 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
   varying_zero = jnp.sum(mask, dtype=jnp.float32) * 0.0
 
   def routed(payload):
-    """Dispatch, all_to_all, experts, all_to_all back, combine; then IR on the device's own experts."""
+    """Dispatch, all_to_all, experts, all_to_all back, combine; IR on the device's own experts (no collective),
+    its buffers run through the experts in the same pass as the main ones."""
+    ir = None
     with jax.named_scope("dispatch"):
       buffers = dispatch_tokens(payload, table.expert_index, table.slot, num_buffers=num_experts,
                                 capacity=capacity, impl=cfg.dispatch)  # [E, G, C, D]
       if sharded:
         # Shape: [E, G, C, D] -> [L, n_exp * G, C, D]
         buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+    parts = [buffers]
+    if cfg.ir_mode is not None:
+      with jax.named_scope("rectify"):
+        ir, ir_buffers = ir_dispatch(payload, probs, table, cfg=cfg, first_expert=first_expert, num_local=num_local)
+        parts.append(ir_buffers)
     with jax.named_scope("experts"):
-      out = expert_ffn(buffers, expert_weights, cfg.activation)
+      outs = expert_ffn_joint(parts, expert_weights, cfg.activation)
     with jax.named_scope("combine"):
+      out = outs[0]
       if sharded:
         # Shape: [L, n_exp * G, C, D] -> [E, G, C, D]
         out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
       y = combine_outputs(out, table.expert_index, table.slot, table.combine_weight, impl=cfg.dispatch)
-    ir = None
-    if cfg.ir_mode is not None:
+    if ir is not None:
       with jax.named_scope("rectify"):
-        ir, y_local = rectify_locally(payload, probs, table, expert_weights, cfg=cfg, first_expert=first_expert,
-                                      num_local=num_local)
+        y_local = ir_combine(outs[1], ir, impl=cfg.dispatch)
         y = routing.ir_blend(y, y_local, ir.p, ir.lam, ir.total, ir.placed, eps=cfg.eps)
     sums = {**_metric_sums(table), **_ir_sums(ir),
             "slots": jnp.asarray(groups * num_experts * capacity, jnp.float32),
@@ -479,32 +503,45 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
   return y.reshape(batch, seq, width).astype(x.dtype), metrics
 
 
-def rectify_locally(payload: Array, probs: Array, table: routing.RoutingTable, expert_weights: dict[str, Array],
-                    *, cfg: MoEConfig, first_expert, num_local: int) -> tuple[routing.IRTable, Array]:
-  """IR on one device: under-served tokens through the device's own experts, with no collective.
+def ir_dispatch(payload: Array, probs: Array, table: routing.RoutingTable, *, cfg: MoEConfig, first_expert,
+                num_local: int) -> tuple[routing.IRTable, Array]:
+  """IR on one device, first half: chooses under-served tokens' best local expert and fills the IR buffers.
 
   Args:
     payload: [G, S, D] tokens in the payload dtype.
     probs: float32[G, S, E] router probabilities.
     table: the device's routing table.
-    expert_weights: the device's L experts.
-    cfg: block config (ir_mode, ir_capacity_factor, dispatch, activation).
+    cfg: block config (ir_mode, ir_capacity_factor, dispatch).
     first_expert: global index of the device's first expert.
     num_local: L.
 
   Returns:
-    (the IRTable, y_local float32[G, S, D]: the chosen local expert's output, 0 where not placed).
+    (the IRTable, IR buffers [L, G, C_ir, D] for the device's own experts).
   """
-  groups, group_size, _ = payload.shape
+  group_size = payload.shape[1]
   ir_capacity = routing.ir_capacity_from_factor(group_size, num_local, cfg.ir_capacity_factor)
   ir = routing.intra_device_choice(probs, table, first_expert=first_expert, num_local=num_local,
                                    mode=cfg.ir_mode, ir_capacity=ir_capacity)
-  index, slot = ir.local_expert[..., None], ir.slot[..., None]
-  buffers = dispatch_tokens(payload, index, slot, num_buffers=num_local, capacity=ir.ir_capacity,
-                            impl=cfg.dispatch)  # [L, G, C_ir, D]
-  out = expert_ffn(buffers, expert_weights, cfg.activation)
-  y_local = combine_outputs(out, index, slot, ir.placed[..., None].astype(jnp.float32), impl=cfg.dispatch)
-  return ir, y_local
+  buffers = dispatch_tokens(payload, ir.local_expert[..., None], ir.slot[..., None], num_buffers=num_local,
+                            capacity=ir.ir_capacity, impl=cfg.dispatch)
+  return ir, buffers
+
+
+def ir_combine(out: Array, ir: routing.IRTable, *, impl: str) -> Array:
+  """IR, second half: float32[G, S, D] output of each placed token's local expert (0 where not placed)."""
+  return combine_outputs(out, ir.local_expert[..., None], ir.slot[..., None],
+                         ir.placed[..., None].astype(jnp.float32), impl=impl)
+
+
+def rectify_locally(payload: Array, probs: Array, table: routing.RoutingTable, expert_weights: dict[str, Array],
+                    *, cfg: MoEConfig, first_expert, num_local: int) -> tuple[routing.IRTable, Array]:
+  """IR on one device on its own (the block runs the IR buffers together with the main ones instead).
+
+  Returns:
+    (the IRTable, y_local float32[G, S, D]: the chosen local expert's output, 0 where not placed).
+  """
+  ir, buffers = ir_dispatch(payload, probs, table, cfg=cfg, first_expert=first_expert, num_local=num_local)
+  return ir, ir_combine(expert_ffn(buffers, expert_weights, cfg.activation), ir, impl=cfg.dispatch)
 
 
 # Per-device values whose mean over the mesh is the global value (the rest are psum-ed counts).

@@ -236,9 +236,14 @@ def _positions_in_order(onehot: Array, order: Array, offset: Optional[Array] = N
   return jnp.take_along_axis(positions, inverse[:, :, None], axis=1)
 
 
-def _pick(values: Array, index: Array) -> Array:
-  """values[G, S, X] at index[G, S, K] along X -> [G, S, K]."""
-  return jnp.take_along_axis(values, index, axis=-1)
+def _select(values: Array, index: Array) -> Array:
+  """float32 values[G, S, X] at index[G, S, K] along X -> [G, S, K], exactly.
+
+  A one-hot masked sum rather than a gather: its gradient is a multiply that fuses, where the gather's
+  (and top_k's own value's) is a scatter-add, a slow separate kernel on GPU.
+  """
+  onehot = jax.nn.one_hot(index, values.shape[-1], dtype=values.dtype)
+  return jnp.sum(values[..., None, :] * onehot, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,7 +332,8 @@ def route_top_k(router_probs: Array, *, top_k: int, capacity: int, priority: str
 
   router_probs = router_probs.astype(jnp.float32)
   valid = _token_mask_or_default(router_probs, token_mask)
-  gate, expert_index = jax.lax.top_k(router_probs, num_choices)
+  _, expert_index = jax.lax.top_k(jax.lax.stop_gradient(router_probs), num_choices)
+  gate = _select(router_probs, expert_index)
   expert_index = expert_index.astype(jnp.int32)
 
   position = _candidate_positions(expert_index, gate, valid, top_k=top_k, num_experts=num_experts,
@@ -459,7 +465,7 @@ def route_local(router_probs: Array, selected: Array, *, first_expert, num_local
   # Shape: [G, S, L] global probabilities of the device's own experts.
   local_probs = jax.lax.dynamic_slice_in_dim(router_probs, first_expert, num_local, axis=-1)
   local_expert = jnp.argmax(local_probs, axis=-1).astype(jnp.int32)
-  p = jnp.take_along_axis(local_probs, local_expert[..., None], axis=-1)[..., 0]
+  p = _select(local_probs, local_expert[..., None])[..., 0]
   # Shape: [G, S, L]
   onehot = jax.nn.one_hot(local_expert, num_local, dtype=jnp.int32) * selected[..., None].astype(jnp.int32)
   order = _token_order(order_gate, by_probability=by_probability)
