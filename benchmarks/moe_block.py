@@ -1,13 +1,16 @@
 """Forward+backward time of one MoE block on one device, against the ideal balanced batched matmul.
 
 For each variant (vanilla, +IR, +FR, +IR+FR), dispatch implementation (einsum masks / index gathers) and
-group size S, it times `jit(grad)` of the block body (no communication: one device) and reports
+group size S, it times forward+backward of the block body on one device (no communication): `jit` of
+`value_and_grad` of sum(out * a fixed random cotangent), see `_cotangent`. It reports
 - useful TF/s = 12 * T * k * D * F / time (forward+backward FLOPs of the assigned tokens of a 2-matmul GELU
   expert, the anchors' convention: padding, masks and routing are overhead),
 - the ideal: the same expert FLOPs as a pre-balanced batched matmul [E, T*k/E, D] x [E, D, F], timed in the
   same run, and the ratios to ideal and to ideal / capacity_factor,
-- peak device memory (GPU) and the dispatch+combine mask memory of the einsum path.
-Median of repeated, device-synchronised runs after warm-up.
+- the experts alone on full capacity buffers [E, G, C, D] (capacity_bmm_ms) and the routing alone (router_ms),
+  timed separately (so the block, whose XLA program fuses differently, can come out slightly faster),
+- peak device memory (GPU), the dispatch+combine mask memory of the einsum path, drop / IR / IR-overflow rates.
+Median of repeated samples, each of `inner` back-to-back calls then a device sync, after warm-up.
 
   python benchmarks/moe_block.py --shape=cpu_small           # CPU
   python benchmarks/moe_block.py --shape=anchor_e8            # one H100/H200 (anchors.md §6.3)
@@ -45,8 +48,8 @@ SHAPES = {
 RECTIFY = {"vanilla": dict(fill_in=False, ir_mode=None), "ir": dict(fill_in=False, ir_mode="any"),
            "fr": dict(fill_in=True, ir_mode=None), "ir_fr": dict(fill_in=True, ir_mode="ignore_kth")}
 COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
-           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "experts_floor_ms", "router_ms",
-           "overhead_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_overflow_rate")
+           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "capacity_bmm_ms", "router_ms",
+           "minus_capacity_bmm_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_overflow_rate")
 
 
 def _inputs(shape, dtype):
@@ -119,7 +122,7 @@ def ideal_time(shape, *, dtype, warmup, repeats, inner):
 
 
 def capacity_bmm_time(shape, group_size, *, dtype, warmup, repeats, inner):
-  """The experts alone on full capacity buffers [E, G, C, D]: the floor of any capacity-based block."""
+  """The experts alone on full capacity buffers [E, G, C, D]: what a capacity-based block computes beyond routing."""
   e, groups = shape["num_experts"], shape["tokens"] // group_size
   capacity = moe.MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
                            capacity_factor=shape["capacity_factor"], group_size=group_size).capacity(True)
@@ -172,10 +175,10 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
   print(f"[{shape_name}] ideal balanced bmm: {ideal['median_s'] * 1e3:.2f} ms, {ideal_tflops:.2f} TF/s", flush=True)
   rows, vanilla_ms = [], {}
   for group_size in shape["group_sizes"]:
-    floor_ms = capacity_bmm_time(shape, group_size, **timing_args)["median_s"] * 1e3
+    capacity_bmm_ms = capacity_bmm_time(shape, group_size, **timing_args)["median_s"] * 1e3
     router_ms = {v: router_time(shape, v, group_size, ir_capacity_factor=ir_capacity_factor,
                                 **timing_args)["median_s"] * 1e3 for v in variants}
-    print(f"  S={group_size:5d} experts alone on the capacity buffers: {floor_ms:.2f} ms; router alone: "
+    print(f"  S={group_size:5d} experts alone on the capacity buffers: {capacity_bmm_ms:.2f} ms; router alone: "
           + ", ".join(f"{v} {ms:.2f} ms" for v, ms in router_ms.items()), flush=True)
     for dispatch in dispatches:
       for variant in variants:
@@ -193,7 +196,8 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
                "useful_tflops": useful, "ideal_tflops": ideal_tflops, "ratio_to_ideal": useful / ideal_tflops,
                "ratio_to_ideal_over_cf": useful / (ideal_tflops / shape["capacity_factor"]),
                "time_vs_vanilla": ms / vanilla_ms.get((dispatch, group_size), ms),
-               "experts_floor_ms": floor_ms, "router_ms": router_ms[variant], "overhead_ms": ms - floor_ms,
+               "capacity_bmm_ms": capacity_bmm_ms, "router_ms": router_ms[variant],
+               "minus_capacity_bmm_ms": ms - capacity_bmm_ms,
                "mask_mb": mask_elems * jnp.dtype(dtype).itemsize / 2**20 if dispatch == "einsum" else 0.0,
                "peak_mb": None if peak is None else peak / 2**20, **stats}
         rows.append(row)
@@ -202,8 +206,8 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
   notes = (f"Shape {shape_name}: {shape}; dtype {jnp.dtype(dtype).name}; IR buffer ir_capacity_factor="
            f"{ir_capacity_factor} (IR mode 'any', 'ignore_kth' with FR); forward+backward of one block on one "
            f"device (no all-to-all); median of {repeats} samples of {inner} back-to-back calls after {warmup} warm-up "
-           f"calls. experts_floor_ms: the experts alone on full capacity buffers [E, G, C, D]; router_ms: routing "
-           f"alone; overhead_ms = median_ms - experts_floor_ms."
+           f"calls. capacity_bmm_ms: the experts alone on full capacity buffers [E, G, C, D]; router_ms: routing "
+           f"alone; minus_capacity_bmm_ms = median_ms - capacity_bmm_ms (both timed separately)."
            + ("" if jax.default_backend() == "gpu" else " CPU-only figures: not comparable with the GPU anchors."))
   common.write_results(name or f"moe_block_{shape_name}_{jax.default_backend()}", rows, COLUMNS, notes,
                        out_dir=out_dir)

@@ -10,6 +10,9 @@ With both directions of the map at hand every data movement is a gather:
 
 The D-wide scatter-adds that autodiff of the plain scatter/gather formulation produces (atomics on GPU) never
 appear. The einsum-mask path in `moe.py` computes the same function; tests compare the two and a numpy loop.
+
+Both are `jax.custom_vjp` functions: reverse mode (grad, vjp, grad of grad) and vmap work; forward mode (jvp,
+jacfwd, hessian) does not. Use `dispatch="einsum"` for forward-mode derivatives of the block.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def slot_map(buffer_index: Array, slot: Array, *, num_buffers: int, capacity: in
   flat = jnp.broadcast_to(jnp.arange(tokens * choices, dtype=jnp.int32).reshape(tokens, choices), slot.shape)
   target = jnp.where(valid, slot, capacity)  # out of bounds -> not written (mode="drop")
   source = jnp.full((num_buffers, groups, capacity), -1, jnp.int32)
-  source = source.at[buffer_index, group, target].set(flat, mode="drop", unique_indices=True)
+  source = source.at[buffer_index, group, target].set(flat, mode="drop")
   filled = source >= 0
   source = jnp.maximum(source, 0)
   return SlotMap(buffer_index=buffer_index.astype(jnp.int32), slot=jnp.clip(slot, 0, capacity - 1),

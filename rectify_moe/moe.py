@@ -57,7 +57,8 @@ class MoEConfig:
     straight_through: top-1 straight-through combine (forward weight 1); needs K == 1.
     group_size: S, tokens per routing group (must divide the tokens of each device).
     activation: "swiglu" (w_gate, w_up, w_down) | "gelu" (w_up, w_down).
-    dispatch: "einsum" (one-hot masks) | "index" (gathers into the same buffers, forward and backward; faster on GPU).
+    dispatch: "einsum" (one-hot masks) | "index" (gathers into the same buffers, forward and backward; faster on
+      GPU; reverse-mode autodiff only).
     dtype: expert compute and all-to-all payload dtype, "float32" | "bfloat16"; the router is float32.
     load_balance_all_k: count all k choices in the load-balance loss (default: first choice).
     router_init_std: std of the normal init of the router kernel.
@@ -210,7 +211,7 @@ def combine_outputs(out: Array, buffer_index: Array, slot: Array, weight: Array,
   Returns:
     float32[G, S, D].
   """
-  num_buffers, groups, capacity, _ = out.shape
+  num_buffers, _, capacity, _ = out.shape
   if impl == "einsum":
     expert_onehot, slot_onehot = _buffer_masks(buffer_index, slot, num_buffers, capacity)
     # Shape: [G, S, B, C] = einsum("gsk,gskb,gskc->gsbc")
@@ -531,17 +532,6 @@ def ir_combine(out: Array, ir: routing.IRTable, *, impl: str) -> Array:
   """IR, second half: float32[G, S, D] output of each placed token's local expert (0 where not placed)."""
   return combine_outputs(out, ir.local_expert[..., None], ir.slot[..., None],
                          ir.placed[..., None].astype(jnp.float32), impl=impl)
-
-
-def rectify_locally(payload: Array, probs: Array, table: routing.RoutingTable, expert_weights: dict[str, Array],
-                    *, cfg: MoEConfig, first_expert, num_local: int) -> tuple[routing.IRTable, Array]:
-  """IR on one device on its own (the block runs the IR buffers together with the main ones instead).
-
-  Returns:
-    (the IRTable, y_local float32[G, S, D]: the chosen local expert's output, 0 where not placed).
-  """
-  ir, buffers = ir_dispatch(payload, probs, table, cfg=cfg, first_expert=first_expert, num_local=num_local)
-  return ir, ir_combine(expert_ffn(buffers, expert_weights, cfg.activation), ir, impl=cfg.dispatch)
 
 
 # Per-device values whose mean over the mesh is the global value (the rest are psum-ed counts).

@@ -237,7 +237,7 @@ def _positions_in_order(onehot: Array, order: Array, offset: Optional[Array] = N
 
 
 def _select(values: Array, index: Array) -> Array:
-  """float32 values[G, S, X] at index[G, S, K] along X -> [G, S, K], exactly.
+  """float32 values[G, S, X] at index[G, S, K] along X -> [G, S, K], exactly for finite values.
 
   A one-hot masked sum rather than a gather: its gradient is a multiply that fuses, where the gather's
   (and top_k's own value's) is a scatter-add, a slow separate kernel on GPU.

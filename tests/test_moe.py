@@ -428,9 +428,9 @@ def _poison(params, keep, names=("w_gate", "w_up", "w_down")):
     return out
 
 
-def test_rectify_locally_uses_only_local_experts():
-    """rectify_locally inside shard_map on (2, 4): poisoning every expert not local to expert rank r leaves
-    y_local of the devices with rank r finite and unchanged."""
+def test_ir_uses_only_local_experts():
+    """IR (ir_dispatch -> the device's experts -> ir_combine) inside shard_map on (2, 4): poisoning every
+    expert not local to expert rank r leaves y_local of the devices with rank r finite and unchanged."""
     cfg = make_cfg("top1_ir")
     params = PARAMS
     mesh = get_mesh((2, 4))
@@ -443,7 +443,8 @@ def test_rectify_locally_uses_only_local_experts():
         probs = jax.nn.softmax(jnp.einsum("gsd,de->gse", xg, rk), axis=-1)
         table = routing.route_top_k(probs, top_k=1, capacity=C, straight_through=True)
         first = jax.lax.axis_index(sharding.EXPERT) * L
-        ir, y_loc = moe.rectify_locally(xg, probs, table, w_l, cfg=cfg, first_expert=first, num_local=L)
+        ir, buffers = moe.ir_dispatch(xg, probs, table, cfg=cfg, first_expert=first, num_local=L)
+        y_loc = moe.ir_combine(moe.expert_ffn(buffers, w_l, cfg.activation), ir, impl=cfg.dispatch)
         return y_loc.reshape(x_l.shape), ir.placed.reshape(x_l.shape[:2])
 
     names = ("w_gate", "w_up", "w_down")
