@@ -28,6 +28,12 @@ def machine() -> dict[str, Any]:
           "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat()}
 
 
+def default_inner() -> int:
+  """Back-to-back calls per timed sample: 5 on GPU (hides the host's dispatch), 1 on CPU (host and device
+  are the same cores)."""
+  return 5 if jax.default_backend() == "gpu" else 1
+
+
 def time_fn(fn: Callable[[], Any], *, warmup: int, repeats: int, inner: int = 1) -> dict[str, float]:
   """Median / min / max seconds per call of `fn()` after `warmup` untimed calls.
 

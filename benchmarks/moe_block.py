@@ -94,48 +94,42 @@ def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_facto
   def loss(x, router, weights, cot):
     y, sums = moe.moe_shard_body(x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1,
                                  expert_axis=None)
-    return _project(y, cot) + sums["aux_loss"]
+    return _project(y, cot) + sums["aux_loss"], sums
 
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   timing = common.time_fn(lambda: step(x, router, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
-  _, sums = jax.jit(lambda x, router, weights: moe.moe_shard_body(
-      x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1, expert_axis=None))(x, router, weights)
+  (_, sums), _ = step(x, router, weights, cot)
   stats = moe.finalize_metrics(sums, {k: sums[k] for k in moe.LOSS_KEYS})
   return cfg, timing, {k: float(stats[k]) for k in ("drop_rate", "padding_rate", "fill_in_rate", "ir_rate",
                                                      "ir_overflow_rate")}
 
 
-def ideal_time(shape, *, dtype, warmup, repeats, inner):
-  """Pre-balanced tokens [E, T*k/E, D] through the experts: the best a capacity-free MoE could do."""
-  e = shape["num_experts"]
-  rows = shape["tokens"] * shape["top_k"] // e
+def _experts_time(shape, buffer_shape, seed, *, dtype, warmup, repeats, inner):
+  """The experts alone, forward+backward, on random buffers of `buffer_shape` [E, N, C, D]."""
   _, _, weights = _inputs(shape, dtype)
-  xb = jax.random.normal(jax.random.key(1), (e, 1, rows, shape["d_model"]), dtype)
-
-  cot = _cotangent(xb.shape, dtype)
-
-  def loss(xb, weights, cot):
-    return _project(moe.expert_ffn(xb, weights, "gelu"), cot)
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return common.time_fn(lambda: step(xb, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
-
-
-def capacity_bmm_time(shape, group_size, *, dtype, warmup, repeats, inner):
-  """The experts alone on full capacity buffers [E, G, C, D]: what a capacity-based block computes beyond routing."""
-  e, groups = shape["num_experts"], shape["tokens"] // group_size
-  capacity = moe.MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
-                           capacity_factor=shape["capacity_factor"], group_size=group_size).capacity(True)
-  _, _, weights = _inputs(shape, dtype)
-  buffers = jax.random.normal(jax.random.key(2), (e, groups, capacity, shape["d_model"]), dtype)
-
-  cot = _cotangent(buffers.shape, dtype)
+  buffers = jax.random.normal(jax.random.key(seed), buffer_shape, dtype)
+  cot = _cotangent(buffer_shape, dtype)
 
   def loss(buffers, weights, cot):
     return _project(moe.expert_ffn(buffers, weights, "gelu"), cot)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return common.time_fn(lambda: step(buffers, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
+
+
+def ideal_time(shape, **timing_args):
+  """Pre-balanced tokens [E, T*k/E, D] through the experts: the best a capacity-free MoE could do."""
+  e = shape["num_experts"]
+  rows = shape["tokens"] * shape["top_k"] // e
+  return _experts_time(shape, (e, 1, rows, shape["d_model"]), 1, **timing_args)
+
+
+def capacity_bmm_time(shape, group_size, **timing_args):
+  """The experts alone on full capacity buffers [E, G, C, D]: what a capacity-based block computes beyond routing."""
+  e, groups = shape["num_experts"], shape["tokens"] // group_size
+  capacity = moe.MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+                           capacity_factor=shape["capacity_factor"], group_size=group_size).capacity(True)
+  return _experts_time(shape, (e, groups, capacity, shape["d_model"]), 2, **timing_args)
 
 
 def router_time(shape, variant, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
@@ -167,7 +161,7 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
   shape = SHAPES[shape_name]
   gpu = jax.default_backend() == "gpu"
   dtype = dtype or (jnp.bfloat16 if gpu else jnp.float32)
-  inner = inner or (5 if gpu else 1)
+  inner = inner or common.default_inner()
   timing_args = dict(dtype=dtype, warmup=warmup, repeats=repeats, inner=inner)
   useful_flops = 12 * shape["tokens"] * shape["top_k"] * shape["d_model"] * shape["expert_dim"]
   ideal = ideal_time(shape, **timing_args)

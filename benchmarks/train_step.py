@@ -61,8 +61,7 @@ def run(config_name="default", variants=("top1", "top1_ir_fr", "top2", "top2_ir_
         holder["state"], metrics = train_fn(holder["state"], batch)
         return metrics
 
-      timing = common.time_fn(step, warmup=warmup, repeats=repeats,
-                              inner=5 if jax.default_backend() == "gpu" else 1)
+      timing = common.time_fn(step, warmup=warmup, repeats=repeats, inner=common.default_inner())
     tokens = b * t
     params = active_params(holder["state"], config)
     flops_per_token = 6 * params + 12 * config.model.num_layers * t * config.model.d_model
@@ -76,8 +75,8 @@ def run(config_name="default", variants=("top1", "top1_ir_fr", "top2", "top2_ir_
     print(f"{config_name}/{variant:10s} {row['median_ms']:8.1f} ms/step  {row['tokens_per_s']:10,.0f} tok/s  "
           f"{row['model_tflops']:.3f} TF/s", flush=True)
   notes = (f"Full train step (forward, backward, AdamW) of configs/{config_name}.py, synthetic tokens, "
-           f"mesh {config.mesh.to_dict()}, median of {repeats} samples (each 5 back-to-back steps on GPU, 1 on CPU) "
-           f"after {warmup} warm-up steps."
+           f"mesh {config.mesh.to_dict()}, median of {repeats} samples (each {common.default_inner()} back-to-back "
+           f"steps) after {warmup} warm-up steps."
            + ("" if jax.default_backend() == "gpu" else " CPU-only figures; MFU needs a known peak (GPU)."))
   common.write_results(f"train_step_{config_name}_{jax.default_backend()}", rows, COLUMNS, notes, out_dir=out_dir)
   return rows
