@@ -7,7 +7,9 @@ Each device:
      step 5 in the same matmuls), `all_to_all` back;
   4. combines `[G_l, S, D]`;
   5. Intra-device Rectification: under-served tokens go through the device's own experts in a static IR
-     buffer (no collective) and are blended in;
+     buffer (no collective) and are blended in; with index dispatch, a device that holds every expert
+     (expert axis 1) puts the IR slots behind the routed slots of each expert's buffer and combines both
+     in one weighted sum;
   6. returns y and the global routing metrics (psum-reduced over the mesh).
 
 Call the block under `jax.set_mesh(mesh)`; the mesh is read at call time, so one model runs on any
@@ -52,7 +54,8 @@ class MoEConfig:
     fill_in: Fill-in Rectification (a (k+1)-th choice takes slots the top-k demand left empty).
     fill_in_priority: "same" (official) | "score".
     ir_mode: Intra-device Rectification: None (off) | "all" | "any" | "ignore_kth".
-    ir_capacity_factor: IR buffer size (None = exact, S slots per local expert per group).
+    ir_capacity_factor: IR buffer size (None = exact, S slots per local expert per group). A rectified token
+      whose local expert already accepted one of its choices reuses that output and takes no slot.
     combine: "normalized" | "probs".
     straight_through: top-1 straight-through combine (forward weight 1); needs K == 1.
     group_size: S, tokens per routing group (must divide the tokens of each device).
@@ -292,9 +295,10 @@ def _metric_sums(table: routing.RoutingTable) -> dict[str, Array]:
 def _ir_sums(ir: Optional[routing.IRTable]) -> dict[str, Array]:
   zero = jnp.zeros((), jnp.float32)
   if ir is None:
-    return {"ir_selected": zero, "ir_rectified": zero, "ir_overflow": zero}
+    return {"ir_selected": zero, "ir_rectified": zero, "ir_reused": zero, "ir_overflow": zero}
   return {"ir_selected": jnp.sum(ir.selected, dtype=jnp.float32),
           "ir_rectified": jnp.sum(ir.num_rectified).astype(jnp.float32),
+          "ir_reused": jnp.sum(ir.reuse_choice >= 0, dtype=jnp.float32),
           "ir_overflow": jnp.sum(ir.overflow).astype(jnp.float32)}
 
 
@@ -428,31 +432,16 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
 
   def routed(payload):
     """Dispatch, all_to_all, experts, all_to_all back, combine; IR on the device's own experts (no collective),
-    its buffers run through the experts in the same pass as the main ones."""
+    its rows run through the experts in the same pass as the main ones."""
     ir = None
-    with jax.named_scope("dispatch"):
-      buffers = dispatch_tokens(payload, table.expert_index, table.slot, num_buffers=num_experts,
-                                capacity=capacity, impl=cfg.dispatch)  # [E, G, C, D]
-      if sharded:
-        # Shape: [E, G, C, D] -> [L, n_exp * G, C, D]
-        buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-    parts = [buffers]
     if cfg.ir_mode is not None:
       with jax.named_scope("rectify"):
-        ir, ir_buffers = ir_dispatch(payload, probs, table, cfg=cfg, first_expert=first_expert, num_local=num_local)
-        parts.append(ir_buffers)
-    with jax.named_scope("experts"):
-      outs = expert_ffn_joint(parts, expert_weights, cfg.activation)
-    with jax.named_scope("combine"):
-      out = outs[0]
-      if sharded:
-        # Shape: [L, n_exp * G, C, D] -> [E, G, C, D]
-        out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-      y = combine_outputs(out, table.expert_index, table.slot, table.combine_weight, impl=cfg.dispatch)
-    if ir is not None:
-      with jax.named_scope("rectify"):
-        y_local = ir_combine(outs[1], ir, impl=cfg.dispatch)
-        y = routing.ir_blend(y, y_local, ir.p, ir.lam, ir.total, ir.placed, eps=cfg.eps)
+        ir = ir_table(probs, table, cfg=cfg, first_expert=first_expert, num_local=num_local)
+    if ir is not None and not sharded and cfg.dispatch == "index":
+      y = _routed_one_device(payload, table, ir, expert_weights, cfg=cfg, capacity=capacity)
+    else:
+      y = _routed_all_to_all(payload, table, ir, expert_weights, cfg=cfg, capacity=capacity,
+                             expert_axis=expert_axis if sharded else None)
     sums = {**_metric_sums(table), **_ir_sums(ir),
             "slots": jnp.asarray(groups * num_experts * capacity, jnp.float32),
             "a2a_rows": jnp.asarray(groups * num_experts * capacity, jnp.float32)}  # the buffers the all-to-all carries
@@ -504,34 +493,107 @@ def moe_shard_body(x: Array, token_mask: Array, router_kernel: Optional[Array], 
   return y.reshape(batch, seq, width).astype(x.dtype), metrics
 
 
-def ir_dispatch(payload: Array, probs: Array, table: routing.RoutingTable, *, cfg: MoEConfig, first_expert,
-                num_local: int) -> tuple[routing.IRTable, Array]:
-  """IR on one device, first half: chooses under-served tokens' best local expert and fills the IR buffers.
+def _routed_all_to_all(payload: Array, table: routing.RoutingTable, ir: Optional[routing.IRTable],
+                       expert_weights: dict[str, Array], *, cfg: MoEConfig, capacity: int,
+                       expert_axis: Optional[str]) -> Array:
+  """Capacity buffers through all_to_all (when `expert_axis` is set) and the experts, and back; IR rows join
+  the device's experts in the same matmuls (`expert_ffn_joint`). Returns float32[G, S, D]."""
+  num_experts = cfg.num_experts
+  weight, ir_weight = (table.combine_weight, None) if ir is None else ir_combine_weights(table, ir, eps=cfg.eps)
+  with jax.named_scope("dispatch"):
+    buffers = dispatch_tokens(payload, table.expert_index, table.slot, num_buffers=num_experts,
+                              capacity=capacity, impl=cfg.dispatch)  # [E, G, C, D]
+    if expert_axis is not None:
+      # Shape: [E, G, C, D] -> [L, n_exp * G, C, D]
+      buffers = jax.lax.all_to_all(buffers, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+  parts = [buffers]
+  if ir is not None:
+    with jax.named_scope("rectify"):
+      parts.append(ir_dispatch(payload, ir, num_local=buffers.shape[0], impl=cfg.dispatch))
+  with jax.named_scope("experts"):
+    outs = expert_ffn_joint(parts, expert_weights, cfg.activation)
+  with jax.named_scope("combine"):
+    out = outs[0]
+    if expert_axis is not None:
+      # Shape: [L, n_exp * G, C, D] -> [E, G, C, D]
+      out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+    y = combine_outputs(out, table.expert_index, table.slot, weight, impl=cfg.dispatch)
+  if ir is None:
+    return y
+  with jax.named_scope("rectify"):
+    return y + ir_combine(outs[1], ir, ir_weight, impl=cfg.dispatch)
+
+
+def _routed_one_device(payload: Array, table: routing.RoutingTable, ir: routing.IRTable,
+                       expert_weights: dict[str, Array], *, cfg: MoEConfig, capacity: int) -> Array:
+  """IR when the device holds every expert (no expert sharding), index dispatch: one assignment, one pass.
+
+  Each expert's buffer holds its C routed slots followed by its C_ir IR slots, [E, G, C + C_ir, D]; the IR
+  choice is a (K+1)-th choice of the token, and the IR blend becomes combine weights (`ir_combine_weights`). The same function as `_routed_all_to_all` without the concatenation of the
+  two buffers into one expert input and the split of its output (copies of every row, forward and backward),
+  and with one gather each way instead of two. Not used for einsum masks: there the joint one-hot products
+  cost (K+1)(C+C_ir) per token and expert instead of K*C + C_ir. Returns float32[G, S, D].
+  """
+  joint_capacity = capacity + ir.ir_capacity
+  routed_weight, ir_weight = ir_combine_weights(table, ir, eps=cfg.eps)
+  # Shape: [G, S, K + 1] each: the routed choices, then the IR choice in slots [C, C + C_ir).
+  buffer_index = jnp.concatenate([table.expert_index, ir.local_expert[..., None]], axis=-1)
+  slot = jnp.concatenate([table.slot, jnp.where(ir.slot >= 0, capacity + ir.slot, -1)[..., None]], axis=-1)
+  weight = jnp.concatenate([routed_weight, ir_weight[..., None]], axis=-1)
+  with jax.named_scope("dispatch"):
+    buffers = dispatch_tokens(payload, buffer_index, slot, num_buffers=cfg.num_experts, capacity=joint_capacity,
+                              impl=cfg.dispatch)  # [E, G, C + C_ir, D]
+  with jax.named_scope("experts"):
+    out = expert_ffn(buffers, expert_weights, cfg.activation)
+  with jax.named_scope("combine"):
+    return combine_outputs(out, buffer_index, slot, weight, impl=cfg.dispatch)
+
+
+def ir_table(probs: Array, table: routing.RoutingTable, *, cfg: MoEConfig, first_expert,
+             num_local: int) -> routing.IRTable:
+  """IR decisions of one device: under-served tokens' best local expert and their IR slots.
 
   Args:
-    payload: [G, S, D] tokens in the payload dtype.
     probs: float32[G, S, E] router probabilities.
     table: the device's routing table.
-    cfg: block config (ir_mode, ir_capacity_factor, dispatch).
+    cfg: block config (ir_mode, ir_capacity_factor, group_size).
     first_expert: global index of the device's first expert.
     num_local: L.
 
   Returns:
-    (the IRTable, IR buffers [L, G, C_ir, D] for the device's own experts).
+    The `routing.IRTable` (IR buffers of C_ir = `ir_capacity_from_factor(S, L, ir_capacity_factor)` slots).
   """
-  group_size = payload.shape[1]
-  ir_capacity = routing.ir_capacity_from_factor(group_size, num_local, cfg.ir_capacity_factor)
-  ir = routing.intra_device_choice(probs, table, first_expert=first_expert, num_local=num_local,
-                                   mode=cfg.ir_mode, ir_capacity=ir_capacity)
-  buffers = dispatch_tokens(payload, ir.local_expert[..., None], ir.slot[..., None], num_buffers=num_local,
-                            capacity=ir.ir_capacity, impl=cfg.dispatch)
-  return ir, buffers
+  ir_capacity = routing.ir_capacity_from_factor(probs.shape[1], num_local, cfg.ir_capacity_factor)
+  return routing.intra_device_choice(probs, table, first_expert=first_expert, num_local=num_local,
+                                     mode=cfg.ir_mode, ir_capacity=ir_capacity)
 
 
-def ir_combine(out: Array, ir: routing.IRTable, *, impl: str) -> Array:
-  """IR, second half: float32[G, S, D] output of each placed token's local expert (0 where not placed)."""
-  return combine_outputs(out, ir.local_expert[..., None], ir.slot[..., None],
-                         ir.placed[..., None].astype(jnp.float32), impl=impl)
+def ir_dispatch(payload: Array, ir: routing.IRTable, *, num_local: int, impl: str) -> Array:
+  """IR buffers [L, G, C_ir, D] of the device's own experts, from [G, S, D] tokens (payload dtype)."""
+  return dispatch_tokens(payload, ir.local_expert[..., None], ir.slot[..., None], num_buffers=num_local,
+                         capacity=ir.ir_capacity, impl=impl)
+
+
+def ir_combine(out: Array, ir: routing.IRTable, weight: Array, *, impl: str) -> Array:
+  """float32[G, S, D]: weight float32[G, S] times the IR buffer row of each token with an IR slot, from the
+  IR buffers' expert outputs out [L, G, C_ir, D] (0 for tokens without a slot)."""
+  return combine_outputs(out, ir.local_expert[..., None], ir.slot[..., None], weight[..., None], impl=impl)
+
+
+def ir_combine_weights(table: routing.RoutingTable, ir: routing.IRTable, *, eps: float) -> tuple[Array, Array]:
+  """The IR blend (`routing.ir_blend`) as combine weights.
+
+  y = sum_k routed[k] * out(choice k) + own * out(IR slot) is the blend `keep * y_routed + local * y_local`:
+  the routed weights are scaled by keep, and the local expert's output weighs in with local, through the IR
+  slot, or, for a token that reuses a routed choice (`IRTable.reuse_choice`), added to that choice's weight.
+
+  Returns:
+    routed float32[G, S, K] and own float32[G, S] (0 where the token has no IR slot).
+  """
+  keep, local = routing.ir_blend_weights(ir.p, ir.lam, ir.total, ir.placed, eps=eps)
+  reused = jax.nn.one_hot(ir.reuse_choice, table.num_choices, dtype=jnp.float32)  # zero row where -1
+  routed = table.combine_weight * keep[..., None] + local[..., None] * reused
+  return routed, jnp.where(ir.slot >= 0, local, 0.0)
 
 
 # Per-device values whose mean over the mesh is the global value (the rest are psum-ed counts).
@@ -560,6 +622,7 @@ def finalize_metrics(totals: dict[str, Array], losses: dict[str, Array]) -> dict
       "a2a_rows_per_token": totals["a2a_rows"] / jnp.maximum(totals["group_tokens"], 1.0),
       "ir_rate": totals["ir_rectified"] / tokens,
       "ir_overflow_rate": totals["ir_overflow"] / tokens,
+      "ir_reuse_rate": totals["ir_reused"] / tokens,
       "tokens": totals["tokens"],
       "expert_demand": totals["expert_demand"],
       "expert_load": totals["expert_load"],
@@ -648,7 +711,8 @@ class MoEBlock(nnx.Module):
     Returns:
       y [B, T, D] (x.dtype) and metrics (replicated float32): "aux_loss", "z_loss", "distill_loss",
       "gating_dropped", "drop_rate", "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate",
-      "ir_overflow_rate", "tokens", "expert_demand" [E], "expert_load" [E], "a2a_rows_per_token".
+      "ir_overflow_rate", "ir_reuse_rate" (rectified tokens whose local expert output is a routed choice's: no
+      IR row), "tokens", "expert_demand" [E], "expert_load" [E], "a2a_rows_per_token".
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or set(mesh.axis_names) != set(sharding.AXES):

@@ -164,18 +164,22 @@ class IRTable:
   Attributes:
     selected: bool[G, S] valid tokens chosen for rectification by the IR mode.
     local_expert: int32[G, S] index in [0, L) of the device's expert with the highest global probability.
-    slot: int32[G, S] slot in that local expert's IR buffer; -1 where not placed.
+    slot: int32[G, S] slot in that local expert's IR buffer; -1 where not given one.
+    reuse_choice: int32[G, S] for a selected token whose local expert already holds one of its accepted
+      choices, that choice's index in [0, K) (the block reuses that output: the same expert on the same
+      token; no IR slot); -1 elsewhere.
     dispatch: bool[G, S, L, C_ir] one-hot IR dispatch mask.
     p: float32[G, S] global router probability of the chosen local expert (carries the gradient).
     lam: float32[G, S] stop_gradient(K - num_accepted): the number of "missing" choices.
     total: float32[G, S] stop_gradient(sum of gate over the token's accepted choices).
     overflow: int32[G] selected tokens that did not fit in the IR buffer.
-    num_rectified: int32[G] tokens placed in the IR buffer.
+    num_rectified: int32[G] rectified tokens (`placed`: an IR slot or a reused choice).
     ir_capacity: static C_ir.
   """
   selected: Array
   local_expert: Array
   slot: Array
+  reuse_choice: Array
   dispatch: Array
   p: Array
   lam: Array
@@ -186,8 +190,8 @@ class IRTable:
 
   @property
   def placed(self) -> Array:
-    """bool[G, S]: the token is rectified (it has an IR slot)."""
-    return self.slot >= 0
+    """bool[G, S]: the token is rectified (an IR slot, or the output of a choice it already has)."""
+    return (self.slot >= 0) | (self.reuse_choice >= 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,14 +434,21 @@ def intra_device_choice(router_probs: Array, table: RoutingTable, *, first_exper
   # The official code compares with the gate's k, which is K (= k + 1) under fill-in.
   threshold = {"all": 1, "any": table.num_choices, "ignore_kth": table.num_choices - 1}[mode]
   selected = table.token_mask & (num_accepted < threshold)
-  local_expert, p, slot, dispatch = route_local(router_probs, selected, first_expert=first_expert,
-                                                num_local=num_local, capacity=capacity,
-                                                order_gate=table.gate[..., 0], by_probability=(priority == "bpr"))
-  placed = slot >= 0
+  local_expert, p = best_local_expert(router_probs, first_expert=first_expert, num_local=num_local)
+  # The official code runs the local expert on the token even when that expert already accepted one of the
+  # token's choices (spec: IR does not exclude experts the token used); the output is the one the routed
+  # choice already has, so such a token reuses it and needs no IR slot.
+  same = table.accepted & (table.expert_index == first_expert + local_expert[..., None])  # [G, S, K]
+  reuse = selected & jnp.any(same, axis=-1)
+  reuse_choice = jnp.where(reuse, jnp.argmax(same, axis=-1), -1).astype(jnp.int32)
+  slot, dispatch = place_local(local_expert, selected & ~reuse, num_local=num_local, capacity=capacity,
+                               order_gate=table.gate[..., 0], by_probability=(priority == "bpr"))
+  placed = (slot >= 0) | reuse
   total = jax.lax.stop_gradient(jnp.sum(table.gate * table.accepted, axis=-1))
   lam = jax.lax.stop_gradient((table.num_choices - num_accepted).astype(jnp.float32))
-  return IRTable(selected=selected, local_expert=local_expert, slot=slot, dispatch=dispatch, p=p, lam=lam,
-                 total=total, overflow=jnp.sum(selected & ~placed, axis=1, dtype=jnp.int32),
+  return IRTable(selected=selected, local_expert=local_expert, slot=slot, reuse_choice=reuse_choice,
+                 dispatch=dispatch, p=p, lam=lam, total=total,
+                 overflow=jnp.sum(selected & ~placed, axis=1, dtype=jnp.int32),
                  num_rectified=jnp.sum(placed, axis=1, dtype=jnp.int32), ir_capacity=capacity)
 
 
@@ -445,7 +456,8 @@ def route_local(router_probs: Array, selected: Array, *, first_expert, num_local
                 order_gate: Array, by_probability: bool) -> tuple[Array, Array, Array, Array]:
   """Sends selected tokens to the best of the device's own experts, into a static buffer (no collective).
 
-  Shared by Intra-device Rectification and Gating Dropout's local step.
+  Gating Dropout's local step (Intra-device Rectification uses its two parts, `best_local_expert` and
+  `place_local`, with the tokens that reuse a routed output left out of the placement).
 
   Args:
     router_probs: float32[G, S, E] global router probabilities.
@@ -461,11 +473,29 @@ def route_local(router_probs: Array, selected: Array, *, first_expert, num_local
     lower index), p float32[G, S] its probability, slot int32[G, S] (-1 = not placed), dispatch
     bool[G, S, L, C].
   """
+  local_expert, p = best_local_expert(router_probs, first_expert=first_expert, num_local=num_local)
+  slot, dispatch = place_local(local_expert, selected, num_local=num_local, capacity=capacity,
+                               order_gate=order_gate, by_probability=by_probability)
+  return local_expert, p, slot, dispatch
+
+
+def best_local_expert(router_probs: Array, *, first_expert, num_local: int) -> tuple[Array, Array]:
+  """int32[G, S] index in [0, L) of the device's expert with the highest global probability (ties: lower
+  index) and float32[G, S] that probability (differentiable)."""
   router_probs = router_probs.astype(jnp.float32)
   # Shape: [G, S, L] global probabilities of the device's own experts.
   local_probs = jax.lax.dynamic_slice_in_dim(router_probs, first_expert, num_local, axis=-1)
   local_expert = jnp.argmax(local_probs, axis=-1).astype(jnp.int32)
-  p = _select(local_probs, local_expert[..., None])[..., 0]
+  return local_expert, _select(local_probs, local_expert[..., None])[..., 0]
+
+
+def place_local(local_expert: Array, selected: Array, *, num_local: int, capacity: int, order_gate: Array,
+                by_probability: bool) -> tuple[Array, Array]:
+  """Slots of the selected tokens in their local expert's buffer, in token order; -1 = not placed.
+
+  Returns:
+    slot int32[G, S] and the one-hot dispatch mask bool[G, S, L, C].
+  """
   # Shape: [G, S, L]
   onehot = jax.nn.one_hot(local_expert, num_local, dtype=jnp.int32) * selected[..., None].astype(jnp.int32)
   order = _token_order(order_gate, by_probability=by_probability)
@@ -474,7 +504,7 @@ def route_local(router_probs: Array, selected: Array, *, first_expert, num_local
   # Shape: [G, S, L, C] = einsum("gsl,gsc->gslc")
   dispatch = jnp.einsum("gsl,gsc->gslc", jax.nn.one_hot(local_expert, num_local, dtype=jnp.float32),
                         jax.nn.one_hot(slot, capacity, dtype=jnp.float32)) > 0
-  return local_expert, p, slot, dispatch
+  return slot, dispatch
 
 
 def ir_blend(y: Array, y_local: Array, p: Array, lam: Array, total: Array, placed: Array,
@@ -493,10 +523,29 @@ def ir_blend(y: Array, y_local: Array, p: Array, lam: Array, total: Array, place
   Returns:
     [..., D] in the dtype of y. The arithmetic is float32.
   """
-  p, lam, total = (v.astype(jnp.float32)[..., None] for v in (p, lam, total))
+  keep, local = ir_blend_weights(p, lam, total, placed, eps=eps)
+  y32 = y.astype(jnp.float32)
+  blended = keep[..., None] * y32 + local[..., None] * y_local.astype(jnp.float32)
+  return jnp.where(placed[..., None], blended, y32).astype(y.dtype)
+
+
+def ir_blend_weights(p: Array, lam: Array, total: Array, placed: Array, eps: float = 1e-9) -> tuple[Array, Array]:
+  """`ir_blend` as two per-token weights: `ir_blend(y, y_local, ...) == keep * y + local * y_local`.
+
+  The block folds them into its combine weights (`moe.ir_combine_weights`): one weighted sum over the routed
+  choices and the IR row, or the reused routed row.
+
+  Args:
+    p, lam, total, placed, eps: as `ir_blend` ([...] each).
+
+  Returns:
+    (keep, local) float32[...]: total / denom and p * lam / denom where placed, else 1 and 0.
+  """
+  p, lam, total = (v.astype(jnp.float32) for v in (p, lam, total))
   denom = jnp.maximum(total + jax.lax.stop_gradient(lam * p), eps)
-  blended = (y_local.astype(jnp.float32) * p * lam + total * y.astype(jnp.float32)) / denom
-  return jnp.where(placed[..., None], blended, y.astype(jnp.float32)).astype(y.dtype)
+  keep = jnp.where(placed, total / denom, 1.0)
+  local = jnp.where(placed, p * lam / denom, 0.0)
+  return keep, local
 
 
 # ---------------------------------------------------------------------------------------------------------

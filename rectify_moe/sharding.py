@@ -55,8 +55,9 @@ def resolve_mesh_shape(data: int, expert: int, num_devices: int) -> tuple[int, i
   if data * expert > num_devices:
     raise ValueError(
         f"Mesh ({data}, {expert}) needs {data * expert} devices but only {num_devices} exist "
-        f"({jax.default_backend()}). Lower mesh.data/mesh.expert, or on CPU set "
-        f"jax.config.update('jax_num_cpu_devices', {data * expert}) before using JAX.")
+        f"({jax.default_backend()}). Lower mesh.data/mesh.expert, or on CPU simulate devices: run with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={data * expert} (or in Python, "
+        f"jax.config.update('jax_num_cpu_devices', {data * expert}) before using JAX).")
   return data, expert
 
 

@@ -108,7 +108,7 @@ def route_all(x, token_mask, router_kernel, cfg, mesh_shape, train=True, min_gap
         probs=np.zeros((B, T, E)), logits=np.zeros((B, T, E)), device=np.zeros((B, T), np.int64),
         first_expert=np.zeros((B, T), np.int64), group=np.zeros((B, T), np.int64),
         ir_selected=np.zeros((B, T), bool), ir_placed=np.zeros((B, T), bool),
-        ir_expert=np.zeros((B, T), np.int64), ir_p=np.zeros((B, T)), ir_lam=np.zeros((B, T)),
+        ir_reused=np.zeros((B, T), bool), ir_expert=np.zeros((B, T), np.int64), ir_p=np.zeros((B, T)), ir_lam=np.zeros((B, T)),
         ir_total=np.zeros((B, T)), capacity=C, num_choices=K, mask=mask)
     groups_total = 0
     per_device = []
@@ -151,6 +151,7 @@ def route_all(x, token_mask, router_kernel, cfg, mesh_shape, train=True, min_gap
         if ir is not None:
             put("ir_selected", ir["selected"])
             put("ir_placed", ir["placed"])
+            put("ir_reused", ir["reuse_choice"] >= 0)
             put("ir_expert", dev.first_expert + ir["local_expert"])
             put("ir_p", ir["p"])
             put("ir_lam", ir["lam"])
@@ -175,7 +176,7 @@ def _metrics(routes, cfg):
     B, T, K = routes["slot"].shape
     E, k = cfg.num_experts, cfg.top_k
     mask = routes["mask"]
-    tokens = dropped = unrouted = filled = fill_in = ir_rect = ir_over = 0
+    tokens = dropped = unrouted = filled = fill_in = ir_rect = ir_over = ir_reused = 0
     demand = np.zeros(E)
     load = np.zeros(E)
     for b in range(B):
@@ -200,6 +201,7 @@ def _metrics(routes, cfg):
             unrouted += int(n_acc == 0)
             ir_rect += int(routes["ir_placed"][b, t])
             ir_over += int(routes["ir_selected"][b, t] and not routes["ir_placed"][b, t])
+            ir_reused += int(routes["ir_reused"][b, t])
     slots = routes["num_groups"] * E * routes["capacity"]
     per_dev = routes["per_device"]
     aux = np.mean([rr.load_balance_loss(d["probs"], d["table"]["expert_index"][..., :k], d["mask"],
@@ -210,7 +212,7 @@ def _metrics(routes, cfg):
     den = max(tokens, 1)
     return dict(tokens=float(tokens), drop_rate=dropped / max(k * tokens, 1), unrouted_rate=unrouted / den,
                 padding_rate=1.0 - filled / slots, fill_in_rate=fill_in / slots, ir_rate=ir_rect / den,
-                ir_overflow_rate=ir_over / den, expert_demand=demand, expert_load=load, aux_loss=aux,
+                ir_overflow_rate=ir_over / den, ir_reuse_rate=ir_reused / den, expert_demand=demand, expert_load=load, aux_loss=aux,
                 z_loss=z)
 
 

@@ -207,18 +207,24 @@ def route_top_k(router_probs, *, top_k, capacity, priority="position", fill_in=F
 # ------------------------------------------------------------------------------------------------
 def intra_device_choice(router_probs, *, expert_index, gate, slot, token_mask, top_k, num_choices,
                         first_expert, num_local, mode, ir_capacity=None, priority="position"):
-    """Reference IR choice; takes the table's arrays (expert_index unused but kept for clarity)."""
+    """Reference IR choice; takes the table's arrays.
+
+    A selected token whose local expert already accepted one of its choices reuses that choice (reuse_choice
+    = its index; no IR slot); the others take IR slots in token order.
+    """
     probs = np.asarray(router_probs)
     G, S, E = probs.shape
     k, K, L = top_k, num_choices, num_local
     c_ir = S if ir_capacity is None else ir_capacity
     slot = np.asarray(slot)
+    expert_index = np.asarray(expert_index)
     gate = np.asarray(gate, np.float64)
     token_mask = np.ones((G, S), bool) if token_mask is None else np.asarray(token_mask, bool)
 
     out = dict(
         selected=np.zeros((G, S), bool), local_expert=np.zeros((G, S), np.int64),
-        slot=-np.ones((G, S), np.int64), dispatch=np.zeros((G, S, L, c_ir), bool),
+        slot=-np.ones((G, S), np.int64), reuse_choice=-np.ones((G, S), np.int64),
+        dispatch=np.zeros((G, S, L, c_ir), bool),
         p=np.zeros((G, S), np.float64), lam=np.zeros((G, S), np.float64),
         total=np.zeros((G, S), np.float64), overflow=np.zeros((G,), np.int64),
         num_rectified=np.zeros((G,), np.int64))
@@ -248,10 +254,17 @@ def intra_device_choice(router_probs, *, expert_index, gate, slot, token_mask, t
                     best = i
             out["local_expert"][g, s] = best
             out["p"][g, s] = probs[g, s, first_expert + best]
+            if out["selected"][g, s]:
+                for j in range(K):
+                    if slot[g, s, j] >= 0 and expert_index[g, s, j] == first_expert + best:
+                        out["reuse_choice"][g, s] = j
 
         counter = [0] * L
         for s in token_order(gate[g, :, 0], priority):
             if not out["selected"][g, s]:
+                continue
+            if out["reuse_choice"][g, s] >= 0:
+                out["num_rectified"][g] += 1
                 continue
             i = out["local_expert"][g, s]
             pos = counter[i]
@@ -262,7 +275,7 @@ def intra_device_choice(router_probs, *, expert_index, gate, slot, token_mask, t
                 out["num_rectified"][g] += 1
             else:
                 out["overflow"][g] += 1
-    out["placed"] = out["slot"] >= 0
+    out["placed"] = (out["slot"] >= 0) | (out["reuse_choice"] >= 0)
     return out
 
 

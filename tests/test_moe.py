@@ -194,7 +194,7 @@ def reference(name, mesh_shape, masked=False, cfg=None, params=None, x=X, cot=CO
 
 def assert_metrics_match(got, want, check_losses=True):
     for name in ("tokens", "drop_rate", "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate",
-                 "ir_overflow_rate", "expert_demand", "expert_load"):
+                 "ir_overflow_rate", "ir_reuse_rate", "expert_demand", "expert_load"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
     if check_losses:
         for name in ("aux_loss", "z_loss"):
@@ -272,6 +272,11 @@ def test_ir_variants_match_reference_with_mesh_layout(name, mesh_shape):
     """IR picks the holding device's local experts: compare with the reference of that layout."""
     got, ref = cached_run(name, mesh_shape), reference(name, mesh_shape)
     assert_nontrivial(name, got["metrics"])
+    if make_cfg(name).top_k == 2:
+        # Both IR paths are exercised: tokens that reuse an accepted choice of their local expert, and
+        # tokens with an IR slot.
+        routes = ref["routes"]
+        assert routes["ir_reused"].any() and (routes["ir_placed"] & ~routes["ir_reused"]).any()
     np.testing.assert_allclose(got["y"], ref["y"], **REF_TOL)
     assert_metrics_match(got["metrics"], ref["metrics"])
     assert_grads_close(got, ref, REF_TOL, f"{name} {mesh_shape}")
@@ -322,13 +327,36 @@ def test_single_expert_equals_dense_swiglu():
 # ------------------------------------------------------------------------------------------------
 # Einsum versus index dispatch.
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 1)])  # IR through all_to_all buffers / one joint buffer
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_einsum_and_index_dispatch_agree(name):
-    a, b = cached_run(name, (2, 4), "einsum"), cached_run(name, (2, 4), "index")
+def test_einsum_and_index_dispatch_agree(name, mesh_shape):
+    a, b = cached_run(name, mesh_shape, "einsum"), cached_run(name, mesh_shape, "index")
     assert_nontrivial(name, a["metrics"])
     np.testing.assert_allclose(b["y"], a["y"], **EXACT_TOL)
     assert_metrics_match(b["metrics"], a["metrics"])
     assert_grads_close(b, a, EXACT_TOL, f"{name} index vs einsum")
+
+
+def _row_copies(dispatch):
+    """Concatenates and slices of token rows (last dim D) in the compiled one-device +IR+FR program."""
+    cfg = make_cfg("top2_ir_fr", dispatch=dispatch, ir_capacity_factor=0.5)
+    p = {k: jnp.asarray(v) for k, v in PARAMS.items()}
+    weights = {k: p[k] for k in ("w_gate", "w_up", "w_down")}
+
+    def loss(x, kernel, weights):
+        y, _ = moe.moe_shard_body(x, jnp.ones(x.shape[:2], bool), kernel, weights, cfg=cfg, train=True,
+                                  expert_axis_size=1, expert_axis=None)
+        return jnp.sum(y * COT)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(X, p["router_kernel"], weights).compile().as_text()
+    return re.findall(rf"= \w+\[[\d,]*,{D}\]\S* (?:concatenate|slice)\(", hlo)
+
+
+def test_one_device_ir_index_program_copies_no_rows():
+    """On a device holding every expert, index dispatch puts IR slots behind the routed slots of each buffer:
+    the program concatenates and splits no token rows (the einsum path, which joins two buffers, does)."""
+    assert _row_copies("einsum"), "the detector finds the einsum path's joint-buffer copies"
+    assert not _row_copies("index")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,7 +457,7 @@ def _poison(params, keep, names=("w_gate", "w_up", "w_down")):
 
 
 def test_ir_uses_only_local_experts():
-    """IR (ir_dispatch -> the device's experts -> ir_combine) inside shard_map on (2, 4): poisoning every
+    """IR (ir_table, ir_dispatch -> the device's experts -> ir_combine) inside shard_map on (2, 4): poisoning every
     expert not local to expert rank r leaves y_local of the devices with rank r finite and unchanged."""
     cfg = make_cfg("top1_ir")
     params = PARAMS
@@ -443,8 +471,10 @@ def test_ir_uses_only_local_experts():
         probs = jax.nn.softmax(jnp.einsum("gsd,de->gse", xg, rk), axis=-1)
         table = routing.route_top_k(probs, top_k=1, capacity=C, straight_through=True)
         first = jax.lax.axis_index(sharding.EXPERT) * L
-        ir, buffers = moe.ir_dispatch(xg, probs, table, cfg=cfg, first_expert=first, num_local=L)
-        y_loc = moe.ir_combine(moe.expert_ffn(buffers, w_l, cfg.activation), ir, impl=cfg.dispatch)
+        ir = moe.ir_table(probs, table, cfg=cfg, first_expert=first, num_local=L)
+        buffers = moe.ir_dispatch(xg, ir, num_local=L, impl=cfg.dispatch)
+        y_loc = moe.ir_combine(moe.expert_ffn(buffers, w_l, cfg.activation), ir,
+                               (ir.slot >= 0).astype(jnp.float32), impl=cfg.dispatch)
         return y_loc.reshape(x_l.shape), ir.placed.reshape(x_l.shape[:2])
 
     names = ("w_gate", "w_up", "w_down")

@@ -74,7 +74,7 @@ def ir_choice(impl, probs, table_kwargs, **kw):
 
 def _ir_to_dict(ir):
     d = {name: np.asarray(getattr(ir, name)) for name in
-         ("selected", "local_expert", "slot", "dispatch", "p", "lam", "total", "overflow",
+         ("selected", "local_expert", "slot", "reuse_choice", "dispatch", "p", "lam", "total", "overflow",
           "num_rectified", "placed")}
     return d
 
@@ -277,17 +277,20 @@ def test_golden_ir_all_and_any(impl):
     # "ignore_kth" without fill-in: n_acc < K - 1 = 1 -> same as "all" here.
     ir2 = ir_choice(impl, PROBS_A, tk, first_expert=1, num_local=2, mode="ignore_kth")
     np.testing.assert_array_equal(ir2["selected"], ir["selected"])
-    # "any": n_acc < 2 -> s2, s3, s4. IR buffer of 1 slot per local expert, position order:
-    #   s2 -> local 0 pos0 ok; s3 -> local 0 pos1 OVERFLOW; s4 -> local 1 pos0 ok.
+    # "any": n_acc < 2 -> s2, s3, s4. s2's local expert 0 (= e1) already accepted its rank 0, and s4's local
+    #   expert 1 (= e2) its rank 0: both reuse that choice, no IR slot. s3 (nothing accepted) takes local 0 pos0
+    #   of a 1-slot IR buffer. Nothing overflows; 3 tokens rectified.
     ir = ir_choice(impl, PROBS_A, tk, first_expert=1, num_local=2, mode="any", ir_capacity=1)
     np.testing.assert_array_equal(ir["selected"][0], [0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(ir["slot"][0], [-1, -1, 0, -1, 0])
+    np.testing.assert_array_equal(ir["slot"][0], [-1, -1, -1, 0, -1])
+    np.testing.assert_array_equal(ir["reuse_choice"][0], [-1, -1, 0, -1, 0])
+    np.testing.assert_array_equal(ir["placed"][0], [0, 0, 1, 1, 1])
     np.testing.assert_array_equal(ir["local_expert"][0, 2:], [0, 0, 1])
     np.testing.assert_allclose(ir["p"][0, 2:], [.7, .2, .6], atol=1e-7)
-    np.testing.assert_array_equal(ir["overflow"], [1])
-    np.testing.assert_array_equal(ir["num_rectified"], [2])
+    np.testing.assert_array_equal(ir["overflow"], [0])
+    np.testing.assert_array_equal(ir["num_rectified"], [3])
     assert ir["dispatch"].shape == (1, 5, 2, 1)
-    assert ir["dispatch"][0, 2, 0, 0] and ir["dispatch"][0, 4, 1, 0] and ir["dispatch"].sum() == 2
+    assert ir["dispatch"][0, 3, 0, 0] and ir["dispatch"].sum() == 1
 
 
 # IR golden 2 (Top-2 + FR, K=3): S=4, E=3, k=2, C=1, position.
@@ -308,22 +311,24 @@ def test_golden_ir_ignore_kth_with_fill_in(impl):
     ir = ir_choice(impl, PROBS_C, tk, first_expert=2, num_local=1, mode="all")
     np.testing.assert_array_equal(ir["selected"][0], [0, 1, 0, 0])
     # "ignore_kth": n_acc < K - 1 = 2 -> every token. lam = 3 - n_acc, total = accepted gate sum.
-    # IR buffer of 2 slots with priority "bpr" (top-1 prob .5 .6 .5 .7 -> order s3, s1, s0, s2):
-    #   s3 pos0, s1 pos1, s0 OVERFLOW, s2 OVERFLOW.
+    # s3 accepted e2 (its rank 0) and reuses it. IR buffer of 2 slots with priority "bpr" (top-1 prob
+    # .5 .6 .5 .7 -> order s3, s1, s0, s2): s3 reuses, s1 pos0, s0 pos1, s2 OVERFLOW.
     ir = ir_choice(impl, PROBS_C, tk, first_expert=2, num_local=1, mode="ignore_kth",
                    ir_capacity=2, priority="bpr")
     np.testing.assert_array_equal(ir["selected"][0], [1, 1, 1, 1])
-    np.testing.assert_array_equal(ir["slot"][0], [-1, 1, -1, 0])
+    np.testing.assert_array_equal(ir["slot"][0], [1, 0, -1, -1])
+    np.testing.assert_array_equal(ir["reuse_choice"][0], [-1, -1, -1, 0])
     np.testing.assert_array_equal(ir["local_expert"][0], [0, 0, 0, 0])
     np.testing.assert_allclose(ir["p"][0], [.2, .1, .3, .7], atol=1e-7)
     np.testing.assert_allclose(ir["lam"][0], [2, 3, 2, 2])
     np.testing.assert_allclose(ir["total"][0], [.5, 0, .5, .7], atol=1e-7)
-    np.testing.assert_array_equal(ir["overflow"], [2])
-    np.testing.assert_array_equal(ir["num_rectified"], [2])
-    # Same with position priority: s0 pos0, s1 pos1, s2 and s3 overflow.
+    np.testing.assert_array_equal(ir["overflow"], [1])
+    np.testing.assert_array_equal(ir["num_rectified"], [3])
+    # Same with position priority: s0 pos0, s1 pos1, s2 overflows, s3 reuses.
     ir = ir_choice(impl, PROBS_C, tk, first_expert=2, num_local=1, mode="ignore_kth",
                    ir_capacity=2, priority="position")
     np.testing.assert_array_equal(ir["slot"][0], [0, 1, -1, -1])
+    np.testing.assert_array_equal(ir["placed"][0], [1, 1, 0, 1])
     # "any": n_acc < K = 3 (the gate's k, as the official code) -> every token as well.
     ir = ir_choice(impl, PROBS_C, tk, first_expert=2, num_local=1, mode="any")
     np.testing.assert_array_equal(ir["selected"][0], [1, 1, 1, 1])
@@ -704,6 +709,22 @@ def test_ir_blend_gradient_matches_frozen_fd():
                                                       jnp.float32(1), jnp.float32(0), one)))(
         jnp.float32(0.25))
     np.testing.assert_allclose(gp1, y_loc[0, 0].sum() / 0.25, rtol=1e-5)
+
+
+def test_ir_blend_weights_closed_form():
+    """keep = T / max(T + lam p, eps) and local = lam p / max(T + lam p, eps) where placed, 1 and 0 elsewhere
+    (ir_blend is keep * y + local * y_local; the tests above check it against the reference)."""
+    rng = np.random.default_rng(8)
+    p = rng.random(12).astype(np.float32)
+    lam = rng.integers(0, 4, 12).astype(np.float32)
+    total = (rng.random(12) * (rng.random(12) < 0.6)).astype(np.float32)
+    placed = rng.random(12) < 0.7
+    p[0], total[0], placed[0] = 0.0, 0.0, True  # clamped denominator
+    keep, local = (np.asarray(a) for a in routing.ir_blend_weights(*(jnp.asarray(v) for v in (p, lam, total, placed))))
+    den = np.maximum(total.astype(np.float64) + lam * p, 1e-9)
+    np.testing.assert_allclose(keep, np.where(placed, total / den, 1.0), rtol=1e-6)
+    np.testing.assert_allclose(local, np.where(placed, lam * p / den, 0.0), rtol=1e-6)
+    assert keep[0] == 0.0 and local[0] == 0.0
 
 
 def test_ir_p_is_differentiable_and_lam_total_are_detached():

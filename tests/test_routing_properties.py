@@ -205,13 +205,22 @@ def test_ir_invariants(case, mode, L, first_seed, ir_cap, ir_priority):
     local = probs[..., first:first + L]
     np.testing.assert_array_equal(le[sel], np.argmax(local, -1)[sel])
     np.testing.assert_allclose(np.asarray(ir.p)[sel], local.max(-1)[sel], rtol=1e-7)
+    # Reuse: exactly the selected tokens whose local expert accepted one of their choices; reuse_choice
+    # names that choice, and such a token takes no IR slot.
+    reuse = np.asarray(ir.reuse_choice)
+    eidx, tslot = np.asarray(table.expert_index), np.asarray(table.slot)
+    same = (tslot >= 0) & (eidx == (first + le)[..., None])
+    np.testing.assert_array_equal(reuse >= 0, sel & same.any(-1))
+    for g, s in zip(*np.nonzero(reuse >= 0)):
+        assert same[g, s, reuse[g, s]]
+    assert np.all(slot[reuse >= 0] == -1)
     # Placement: placed => selected; slots in range; each (local expert, slot) holds <= 1 token.
-    np.testing.assert_array_equal(placed, slot >= 0)
+    np.testing.assert_array_equal(placed, (slot >= 0) | (reuse >= 0))
     assert not placed[~sel].any()
     assert np.all((slot == -1) | ((slot >= 0) & (slot < c_ir)))
     assert np.all(disp.sum(axis=1) <= 1)
     want = np.zeros_like(disp)
-    for g, s in zip(*np.nonzero(placed)):
+    for g, s in zip(*np.nonzero(slot >= 0)):
         want[g, s, le[g, s], slot[g, s]] = True
     np.testing.assert_array_equal(disp, want)
     np.testing.assert_array_equal(np.asarray(ir.num_rectified), placed.sum(-1))
@@ -220,7 +229,7 @@ def test_ir_invariants(case, mode, L, first_seed, ir_cap, ir_priority):
         np.testing.assert_array_equal(placed, sel)
     else:  # a token overflows only when its local expert's buffer is full
         for g, s in zip(*np.nonzero(sel & ~placed)):
-            assert (placed[g] & (le[g] == le[g, s])).sum() == c_ir
+            assert ((slot[g] >= 0) & (le[g] == le[g, s])).sum() == c_ir
     np.testing.assert_allclose(np.asarray(ir.lam), K - n_acc)
     np.testing.assert_allclose(np.asarray(ir.total),
                                (np.asarray(table.gate) * np.asarray(table.accepted)).sum(-1),
