@@ -536,6 +536,7 @@ class _LayerTotals:
         "fill_in_slots": np.rint(get("fill_in_rate") * slots),
         "ir_tokens": np.rint(get("ir_rate") * tokens),
         "ir_overflow_tokens": np.rint(get("ir_overflow_rate") * tokens),
+        "ir_reused_tokens": np.rint(get("ir_reuse_rate") * tokens),
         "expert_demand": demand,
         "expert_load": load,
         "aux_loss": get("aux_loss") * tokens,
@@ -564,6 +565,7 @@ class _LayerTotals:
           "fill_in_rate": float(s["fill_in_slots"][i]) / slots,
           "ir_rate": float(s["ir_tokens"][i]) / tokens,
           "ir_overflow_rate": float(s["ir_overflow_tokens"][i]) / tokens,
+          "ir_reuse_rate": float(s["ir_reused_tokens"][i]) / tokens,
           "dropped_choices": int(s["dropped_choices"][i]),
           "unrouted_tokens": int(s["unrouted_tokens"][i]),
           "slots": int(s["slots"][i]),
@@ -593,7 +595,8 @@ def imbalance(counts: np.ndarray, name: str = "load") -> dict[str, float]:
 
 
 LAYER_MEAN_KEYS = ("drop_rate", "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate", "ir_overflow_rate",
-                   "load_max_over_mean", "load_cv", "demand_max_over_mean", "demand_cv", "a2a_rows_per_token")
+                   "ir_reuse_rate", "load_max_over_mean", "load_cv", "demand_max_over_mean", "demand_cv",
+                   "a2a_rows_per_token")
 
 
 def evaluate_router(eval_fn, state, batches, mesh: jax.sharding.Mesh, *, moe_cfg: Optional[moe_lib.MoEConfig],

@@ -529,9 +529,10 @@ def _routed_one_device(payload: Array, table: routing.RoutingTable, ir: routing.
   """IR when the device holds every expert (no expert sharding), index dispatch: one assignment, one pass.
 
   Each expert's buffer holds its C routed slots followed by its C_ir IR slots, [E, G, C + C_ir, D]; the IR
-  choice is a (K+1)-th choice of the token, and the IR blend becomes combine weights (`ir_combine_weights`). The same function as `_routed_all_to_all` without the concatenation of the
-  two buffers into one expert input and the split of its output (copies of every row, forward and backward),
-  and with one gather each way instead of two. Not used for einsum masks: there the joint one-hot products
+  choice is a (K+1)-th choice of the token, and the IR blend becomes combine weights (`ir_combine_weights`).
+  The same function as `_routed_all_to_all` without the concatenation of the two buffers into one expert
+  input and the split of its output (copies of every row, forward and backward), and with one gather each
+  way instead of two. Not used for einsum masks: there the joint one-hot products
   cost (K+1)(C+C_ir) per token and expert instead of K*C + C_ir. Returns float32[G, S, D].
   """
   joint_capacity = capacity + ir.ir_capacity
@@ -556,7 +557,7 @@ def ir_table(probs: Array, table: routing.RoutingTable, *, cfg: MoEConfig, first
   Args:
     probs: float32[G, S, E] router probabilities.
     table: the device's routing table.
-    cfg: block config (ir_mode, ir_capacity_factor, group_size).
+    cfg: block config (ir_mode, ir_capacity_factor).
     first_expert: global index of the device's first expert.
     num_local: L.
 

@@ -491,7 +491,15 @@ def best_local_expert(router_probs: Array, *, first_expert, num_local: int) -> t
 
 def place_local(local_expert: Array, selected: Array, *, num_local: int, capacity: int, order_gate: Array,
                 by_probability: bool) -> tuple[Array, Array]:
-  """Slots of the selected tokens in their local expert's buffer, in token order; -1 = not placed.
+  """Slots of the selected tokens in their local expert's buffer; -1 = not placed (or beyond capacity).
+
+  Args:
+    local_expert: int32[G, S] each token's expert in [0, L).
+    selected: bool[G, S] tokens to place.
+    num_local: L.
+    capacity: slots per local expert per group.
+    order_gate: float32[G, S] top-1 probability, the visiting order when `by_probability`.
+    by_probability: visit tokens by order_gate descending (else sequence order); earlier tokens get lower slots.
 
   Returns:
     slot int32[G, S] and the one-hot dispatch mask bool[G, S, L, C].

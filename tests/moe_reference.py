@@ -108,8 +108,8 @@ def route_all(x, token_mask, router_kernel, cfg, mesh_shape, train=True, min_gap
         probs=np.zeros((B, T, E)), logits=np.zeros((B, T, E)), device=np.zeros((B, T), np.int64),
         first_expert=np.zeros((B, T), np.int64), group=np.zeros((B, T), np.int64),
         ir_selected=np.zeros((B, T), bool), ir_placed=np.zeros((B, T), bool),
-        ir_reused=np.zeros((B, T), bool), ir_expert=np.zeros((B, T), np.int64), ir_p=np.zeros((B, T)), ir_lam=np.zeros((B, T)),
-        ir_total=np.zeros((B, T)), capacity=C, num_choices=K, mask=mask)
+        ir_reused=np.zeros((B, T), bool), ir_expert=np.zeros((B, T), np.int64), ir_p=np.zeros((B, T)),
+        ir_lam=np.zeros((B, T)), ir_total=np.zeros((B, T)), capacity=C, num_choices=K, mask=mask)
     groups_total = 0
     per_device = []
     for dev in devices:
@@ -212,8 +212,8 @@ def _metrics(routes, cfg):
     den = max(tokens, 1)
     return dict(tokens=float(tokens), drop_rate=dropped / max(k * tokens, 1), unrouted_rate=unrouted / den,
                 padding_rate=1.0 - filled / slots, fill_in_rate=fill_in / slots, ir_rate=ir_rect / den,
-                ir_overflow_rate=ir_over / den, ir_reuse_rate=ir_reused / den, expert_demand=demand, expert_load=load, aux_loss=aux,
-                z_loss=z)
+                ir_overflow_rate=ir_over / den, ir_reuse_rate=ir_reused / den, expert_demand=demand,
+                expert_load=load, aux_loss=aux, z_loss=z)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ def intra_device_choice(router_probs, *, expert_index, gate, slot, token_mask, t
                 for j in range(K):
                     if slot[g, s, j] >= 0 and expert_index[g, s, j] == first_expert + best:
                         out["reuse_choice"][g, s] = j
+                        break
 
         counter = [0] * L
         for s in token_order(gate[g, :, 0], priority):
