@@ -295,9 +295,8 @@ def _metric_sums(table: routing.RoutingTable) -> dict[str, Array]:
 def _ir_sums(ir: Optional[routing.IRTable]) -> dict[str, Array]:
   zero = jnp.zeros((), jnp.float32)
   if ir is None:
-    return {"ir_selected": zero, "ir_rectified": zero, "ir_reused": zero, "ir_overflow": zero}
-  return {"ir_selected": jnp.sum(ir.selected, dtype=jnp.float32),
-          "ir_rectified": jnp.sum(ir.num_rectified).astype(jnp.float32),
+    return {"ir_rectified": zero, "ir_reused": zero, "ir_overflow": zero}
+  return {"ir_rectified": jnp.sum(ir.num_rectified).astype(jnp.float32),
           "ir_reused": jnp.sum(ir.reuse_choice >= 0, dtype=jnp.float32),
           "ir_overflow": jnp.sum(ir.overflow).astype(jnp.float32)}
 

@@ -405,8 +405,8 @@ def _elements(shapes):
     return collections.Counter(re.findall(r"\w+\[[\d,]*\]", "".join(shapes)))
 
 
-# Per-device metric counters that are constant zeros when IR / FR are off (fill-in slots, IR selected,
-# rectified and overflowing tokens); XLA folds constants out of the metric psum, so turning IR / FR on may
+# Per-device metric counters that are constant zeros when IR / FR are off (fill-in slots, IR rectified,
+# reused and overflowing tokens); XLA folds constants out of the metric psum, so turning IR / FR on may
 # add these scalars to the metric all-reduce. Nothing else may change.
 MAX_EXTRA_METRIC_SCALARS = 4
 
