@@ -17,12 +17,12 @@ load_heatmap.png, rates_by_router.png.
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from rectify_moe import eval_lib
+from rectify_moe import evaluation
+from rectify_moe.config import cli, entry
 
-config_flags.DEFINE_config_file("config", None, "Config file (get_config()); default: the run's workdir/config.json. "
-                                "It must match the checkpoint's architecture.", lock_config=True)
+entry.define_config_flag(None, "Config file (get_config()); default: the run's workdir/config.json. It must match "
+                         "the checkpoint's architecture.")
 flags.DEFINE_string("workdir", None, "The training run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_multi_string("swap", [], "A test-time router swap (repeatable): a preset (vanilla, ir, fr, ir_fr, "
@@ -36,16 +36,17 @@ flags.DEFINE_bool("plots", True, "Write the PNG plots.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
+def main(argv, none_paths):
   logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  sys.exit(eval_lib.run_main(f.config, f.workdir, step=f.step, swaps=f.swap,
-                             eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
-                             eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
-                             output_dir=f.output_dir, plots=f.plots))
+  config = cli.apply_none(f.config, none_paths) if f.config is not None else None
+  sys.exit(evaluation.run_main(config, f.workdir, step=f.step, swaps=f.swap,
+                               eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
+                               eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
+                               output_dir=f.output_dir, plots=f.plots))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main)

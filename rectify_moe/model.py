@@ -8,72 +8,16 @@ replicated; the batch is sharded over (data, expert); expert weights over `exper
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rectify_moe import config_fields
 from rectify_moe import moe as moe_lib
+from rectify_moe.config.schema import ModelConfig, MoEConfig
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Transformer hyper-parameters.
-
-  Attributes:
-    vocab_size: token vocabulary (the byte tokenizer has 259).
-    num_layers: Transformer blocks.
-    d_model: model width D.
-    num_heads: attention heads (d_model % num_heads == 0).
-    d_ff: hidden width of the dense SwiGLU FFN layers.
-    moe_every: an MoE FFN in every moe_every-th layer (0 = no MoE layer).
-    dtype: activation dtype, "float32" | "bfloat16" (parameters stay float32).
-    remat: rematerialise each block's activations in the backward pass (memory for speed).
-    rope_base: RoPE frequency base.
-    tie_embeddings: share the input embedding with the output projection.
-  """
-  vocab_size: int = 259
-  num_layers: int = 4
-  d_model: int = 128
-  num_heads: int = 4
-  d_ff: int = 512
-  moe_every: int = 2
-  dtype: str = "float32"
-  remat: bool = False
-  rope_base: float = 10000.0
-  tie_embeddings: bool = False
-
-  def is_moe_layer(self, index: int) -> bool:
-    return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
-
-  @property
-  def num_moe_layers(self) -> int:
-    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
-
-  def validate(self) -> None:
-    def bad(msg):
-      raise ValueError(f"Invalid model config: {msg}")
-    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff"):
-      if getattr(self, name) < 1:
-        bad(f"model.{name}={getattr(self, name)} must be >= 1.")
-    if self.d_model % self.num_heads:
-      bad(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}.")
-    if (self.d_model // self.num_heads) % 2:
-      bad(f"head dim {self.d_model // self.num_heads} must be even for RoPE; change d_model or num_heads.")
-    if self.moe_every < 0:
-      bad(f"model.moe_every={self.moe_every} must be >= 0 (0 = dense model).")
-    if self.dtype not in moe_lib.DTYPES:
-      bad(f"model.dtype={self.dtype!r}; use one of {list(moe_lib.DTYPES)}.")
-
-  @classmethod
-  def from_dict(cls, values: Any) -> "ModelConfig":
-    """From a mapping (e.g. an ml_collections ConfigDict); unknown keys are an error naming the key."""
-    return config_fields.dataclass_from_mapping(cls, values, "model")
 
 
 class RMSNorm(nnx.Module):
@@ -166,15 +110,15 @@ class DenseFFN(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm Transformer block; the FFN is an MoEBlock or a DenseFFN."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs,
-               hash_table=None):
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig], *, rngs: nnx.Rngs,
+               router_prepared: Optional[dict[str, Any]] = None):
     self.attn_norm = RMSNorm(cfg.d_model)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model)
     self.is_moe = moe_cfg is not None
     if self.is_moe:
       self.ffn = moe_lib.MoEBlock(moe_cfg, d_model=cfg.d_model, rngs=rngs, vocab_size=cfg.vocab_size,
-                                  hash_table=hash_table)
+                                  prepared=router_prepared)
     else:
       self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs=rngs)
 
@@ -192,16 +136,16 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
   """Decoder-only LM: tokens int32[B, T] -> logits float32[B, T, V] and per-MoE-layer routing metrics."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[moe_lib.MoEConfig], *, rngs: nnx.Rngs,
-               hash_table=None):
-    """hash_table: optional int32[V] token -> expert table for moe.router='hash' (default: random balanced)."""
+  def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig], *, rngs: nnx.Rngs,
+               router_prepared: Optional[dict[str, Any]] = None):
+    """router_prepared: the routers' data-dependent initialisation (`moe.prepare_router`); None = defaults."""
     cfg.validate()
     if cfg.num_moe_layers and moe_cfg is None:
       raise ValueError("model.moe_every > 0 needs a moe config.")
     self.cfg = cfg
     self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
-    self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs, hash_table=hash_table)
-                            for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs,
+                                  router_prepared=router_prepared) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model)
     if not cfg.tie_embeddings:
       self.unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size)))
@@ -219,7 +163,7 @@ class TransformerLM(nnx.Module):
       rng: replicated PRNG key of this step; layer i uses fold_in(rng, i) (Gating Dropout).
 
     Returns:
-      (logits float32[B, T, V], one metrics dict per MoE layer).
+      (logits float32[B, T, V], one metrics dict per MoE layer: {"losses", "counts"}, see `moe.MoEBlock`).
     """
     dtype = moe_lib.DTYPES[self.cfg.dtype]
     if token_mask is None:
@@ -242,3 +186,12 @@ class TransformerLM(nnx.Module):
     # Shape: [B, T, V] = einsum("btd,dv->btv")
     logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
     return logits, layer_metrics
+
+  def moe_blocks(self) -> list[moe_lib.MoEBlock]:
+    """The MoE blocks, in layer order (the order of the per-layer metrics)."""
+    return [block.ffn for block in self.blocks if block.is_moe]
+
+  def after_step(self, layer_metrics: list[dict[str, Any]]) -> None:
+    """Router state updates after an optimizer step, from each MoE layer's global metrics of that step."""
+    for block, metrics in zip(self.moe_blocks(), layer_metrics, strict=True):
+      block.after_step(metrics)

@@ -1,21 +1,18 @@
-"""Training: config checks, model and optimizer state, jitted train/eval steps, checkpoints, metrics.
+"""Training: config checks, model and optimizer state, jitted train step, the loop.
 
 `train_and_evaluate(config, workdir)` is the whole job behind `train.py`. Its pieces are importable:
 - `validate_config`: every check that can run before data is read or anything compiles;
 - `create_train_state`: the model + AdamW optimizer as one NNX state on the mesh;
-- `train_step` / `eval_step`: pure functions of (graphdef, state, batch), jitted with explicit shardings;
-- `Checkpointer`: Orbax CheckpointManager holding model, optimizer, step and the data iterator position.
+- `train_step`: a pure function of (graphdef, state, batch), jitted with explicit shardings and donation;
+evaluation is `evaluation.evaluator.Evaluator` (shared with eval.py), checkpoints `checkpoints.Checkpointer`,
+outputs `writers.MetricsWriter`, every path `workdir.Workdir`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Optional
 
@@ -24,31 +21,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, sharding
 from rectify_moe import data as data_lib
-from rectify_moe import hash_routing
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
-from rectify_moe import sharding
-from rectify_moe import stablemoe
+from rectify_moe.config import fields, schema
+from rectify_moe.evaluation.evaluator import Evaluator, batch_shardings, global_batch
+from rectify_moe.workdir import Workdir
+from rectify_moe.writers import MetricsWriter
 
 Array = jax.Array
-# Per-layer routing metrics averaged over MoE layers in the step metrics.
-RATE_KEYS = ("drop_rate", "unrouted_rate", "padding_rate", "fill_in_rate", "ir_rate", "ir_overflow_rate")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration.
 # ---------------------------------------------------------------------------------------------------------
-def model_configs(config: ml_collections.ConfigDict) -> tuple[model_lib.ModelConfig, moe_lib.MoEConfig]:
-  """The typed model and MoE configs (unknown fields raise, naming them)."""
-  return model_lib.ModelConfig.from_dict(config.model), moe_lib.MoEConfig.from_dict(config.moe)
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+def validate_config(config: Any, num_devices: Optional[int] = None,
                     process_count: Optional[int] = None) -> tuple[int, int]:
   """Checks the whole config against the devices before any data is read or anything compiles.
 
@@ -58,93 +49,72 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   Raises:
     ValueError: one line naming the field, the value and the fix.
   """
+  cfg = schema.parse(config)
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
-  model_cfg, moe_cfg = model_configs(config)
-  model_cfg.validate()
-  if model_cfg.num_moe_layers:
-    moe_cfg.validate()
-  mesh_shape = sharding.resolve_mesh_shape(config.mesh.data, config.mesh.expert, num_devices)
+  cfg.model.validate()
+  if cfg.model.num_moe_layers:
+    cfg.moe.validate()
+  mesh_shape = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.expert, num_devices)
   used = mesh_shape[0] * mesh_shape[1]
-  train = config.train
-  if train.steps < 1:
-    raise ValueError(f"train.steps={train.steps} must be >= 1.")
-  if train.seq_len < 1:
-    raise ValueError(f"train.seq_len={train.seq_len} must be >= 1.")
+  train = cfg.train
   for name in ("batch_size", "eval_batch_size"):
     if getattr(train, name) % process_count:
-      raise ValueError(f"train.{name}={getattr(train, name)} is not divisible by the {process_count} processes.")
-  if model_cfg.num_moe_layers:
-    for name in ("batch_size", "eval_batch_size"):
-      sharding.validate_moe_layout(num_experts=moe_cfg.num_experts, expert_axis=mesh_shape[1],
+      raise fields.ConfigError(f"train.{name}={getattr(train, name)} is not divisible by the {process_count} "
+                               "processes.")
+    if cfg.model.num_moe_layers:
+      sharding.validate_moe_layout(num_experts=cfg.moe.num_experts, expert_axis=mesh_shape[1],
                                    global_batch=getattr(train, name), seq_len=train.seq_len,
-                                   group_size=moe_cfg.group_size, num_devices=used)
-  else:
-    for name in ("batch_size", "eval_batch_size"):
-      if getattr(train, name) % used:
-        raise ValueError(f"train.{name}={getattr(train, name)} is not divisible by the {used} devices of the mesh.")
-  if model_cfg.vocab_size < data_lib.ByteTokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{data_lib.ByteTokenizer.vocab_size}; set it to at least that.")
-  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-    if getattr(train, name) < 1:
-      raise ValueError(f"train.{name}={getattr(train, name)} must be >= 1.")
-  data_lib.validate_data_config(config.data)
+                                   group_size=cfg.moe.group_size, num_devices=used)
+    elif getattr(train, name) % used:
+      raise fields.ConfigError(f"train.{name}={getattr(train, name)} is not divisible by the {used} devices of the "
+                               "mesh.")
+  if cfg.model.vocab_size < data_lib.ByteTokenizer.vocab_size:
+    raise fields.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"{data_lib.ByteTokenizer.vocab_size}; set it to at least that.")
+  data_lib.validate_data_config(cfg.data)
   return mesh_shape
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """Starts JAX's multi-controller runtime when asked (True) or when a cluster launcher is detected ("auto").
-
-  "auto" initialises when JAX_COORDINATOR_ADDRESS is set, or under SLURM / Open MPI with more than one
-  task, or on a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts). jax.distributed picks the
-  coordinator, process count and index from those environments.
-  """
-  mode = config.train.get("distributed", "auto")
-  if mode is False or mode == "off":
-    return
-  env = os.environ
-  detected = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1")) > 1 or int(
-      env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-  if mode is True or (mode == "auto" and detected):
-    jax.distributed.initialize()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # State.
 # ---------------------------------------------------------------------------------------------------------
-def make_optimizer(train: ml_collections.ConfigDict, moe_cfg: Optional[moe_lib.MoEConfig] = None
+def make_optimizer(train: schema.TrainConfig, moe_cfg: Optional[schema.MoEConfig] = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay to end_lr_factor * lr, and global-norm clipping.
-
-  For StableMoE the distilled router is frozen for real from moe.stablemoe_switch_step on: its updates
-  are zeroed after AdamW, so weight decay and momentum leave it bit-identical.
+  """AdamW with linear warmup + cosine decay to end_lr_factor * lr, global-norm clipping, and the router's own
+  transformations after it (`moe.optimizer_transforms`, e.g. StableMoE's freeze; `moe_cfg` None = a dense model).
   """
+  train = fields.from_mapping(schema.TrainConfig, train, "train")
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate, warmup_steps=min(train.warmup_steps, train.steps),
       decay_steps=max(train.steps, train.warmup_steps + 1), end_value=train.learning_rate * train.end_lr_factor)
   tx = optax.chain(optax.clip_by_global_norm(train.grad_clip),
                    optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay))
-  if moe_cfg is not None and moe_cfg.router == "stablemoe":
-    tx = optax.chain(tx, stablemoe.freeze_after(moe_cfg.stablemoe_switch_step, stablemoe.is_distilled_param))
+  extra = moe_lib.optimizer_transforms(moe_cfg) if moe_cfg is not None else []
+  if extra:
+    tx = optax.chain(tx, *extra)
   return tx, schedule
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def _moe_or_none(cfg: schema.RunConfig) -> Optional[schema.MoEConfig]:
+  return cfg.moe if cfg.model.num_moe_layers else None
+
+
+def create_train_state(config: Any, mesh: jax.sharding.Mesh):
   """Builds model and optimizer on the mesh.
 
   Returns:
     (graphdef, state, state_shardings): `nnx.split((model, optimizer))` and the NamedSharding of every leaf.
   """
-  model_cfg, moe_cfg = model_configs(config)
-  tx, _ = make_optimizer(config.train, moe_cfg)
-  hash_table = None
-  if model_cfg.num_moe_layers and moe_cfg.router == "hash" and moe_cfg.hash_table == "balanced":
-    counts = train_token_counts(config, model_cfg.vocab_size)
-    hash_table = hash_routing.frequency_balanced_table(counts, moe_cfg.num_experts)
+  cfg = schema.parse(config)
+  moe_cfg = _moe_or_none(cfg)
+  tx, _ = make_optimizer(cfg.train, moe_cfg)
+  prepared = None
+  if moe_cfg is not None:
+    prepared = moe_lib.prepare_router(moe_cfg, vocab_size=cfg.model.vocab_size,
+                                      token_counts=lambda: train_token_counts(cfg, cfg.model.vocab_size))
   with jax.set_mesh(mesh):
-    model = model_lib.TransformerLM(model_cfg, moe_cfg if model_cfg.num_moe_layers else None,
-                                    rngs=nnx.Rngs(config.seed), hash_table=hash_table)
+    model = model_lib.TransformerLM(cfg.model, moe_cfg, rngs=nnx.Rngs(cfg.seed), router_prepared=prepared)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     state_shardings = jax.tree.map(lambda x: _leaf_sharding(x, mesh), state)
@@ -152,10 +122,10 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   return graphdef, state, state_shardings
 
 
-def train_token_counts(config: ml_collections.ConfigDict, vocab_size: int, max_tokens: int = 20_000_000
-                       ) -> np.ndarray:
-  """int64[V] token frequencies of the training split (its first max_tokens tokens), for hash tables."""
-  windows = data_lib.make_packed_windows(config.data, config.data.train_split, seq_len=config.train.seq_len)
+def train_token_counts(config: Any, vocab_size: int, max_tokens: int = 20_000_000) -> np.ndarray:
+  """int64[V] token frequencies of the training split (its first max_tokens tokens), for data-prepared routers."""
+  cfg = schema.parse(config)
+  windows = data_lib.make_packed_windows(cfg.data, cfg.data.train_split, seq_len=cfg.train.seq_len)
   stream = windows.stream_slice(0, min(windows.num_tokens, max_tokens))
   return np.bincount(stream, minlength=vocab_size)[:vocab_size].astype(np.int64)
 
@@ -178,40 +148,31 @@ def count_params(state) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Steps.
+# The train step.
 # ---------------------------------------------------------------------------------------------------------
-def _forward(model: model_lib.TransformerLM, batch: dict[str, Array], train: bool, step=None, rng=None):
-  """Token-masked cross-entropy and routing metrics. Returns (ce_sum, correct, tokens, layer_metrics)."""
-  mask = batch["token_mask"]
-  logits, layer_metrics = model(batch["inputs"], mask, train=train, step=step, rng=rng)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  target_logp = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-  maskf = mask.astype(jnp.float32)
-  ce_sum = -jnp.sum(target_logp * maskf)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * maskf)
-  return ce_sum, correct, jnp.sum(maskf), layer_metrics
-
-
-def _stack_layer_metrics(layer_metrics: list[dict[str, Array]]) -> dict[str, Array]:
-  """{key: [num_moe_layers, ...]} (empty dict for a dense model)."""
+def summed_losses(layer_metrics: list[dict[str, Any]]) -> dict[str, Array]:
+  """{loss name: sum over the MoE layers} of the blocks' losses (empty for a dense model)."""
   if not layer_metrics:
     return {}
-  return {k: jnp.stack([m[k] for m in layer_metrics]) for k in layer_metrics[0]}
+  return {k: jnp.sum(jnp.stack([m["losses"][k] for m in layer_metrics])) for k in layer_metrics[0]["losses"]}
 
 
 def loss_fn(model, batch, aux_weight: float, z_weight: float, step=None, rng=None):
-  """CE + aux_weight * sum of load-balance losses + z_weight * sum of z-losses + distillation losses.
-
-  The distillation loss (StableMoE) arrives already weighted by moe.stablemoe_distill_weight.
-  """
-  ce_sum, correct, tokens, layer_metrics = _forward(model, batch, train=True, step=step, rng=rng)
-  ce = ce_sum / jnp.maximum(tokens, 1.0)
-  layers = _stack_layer_metrics(layer_metrics)
-  total = lambda key: jnp.sum(layers[key]) if layers else jnp.zeros(())
-  aux, z, distill = total("aux_loss"), total("z_loss"), total("distill_loss")
-  loss = ce + aux_weight * aux + z_weight * z + distill
-  return loss, dict(ce=ce, aux_loss=aux, z_loss=z, distill_loss=distill,
-                    accuracy=correct / jnp.maximum(tokens, 1.0), layers=layers)
+  """CE + aux_weight * summed load-balance losses + z_weight * summed z-losses + the routers' other losses (each
+  already weighted by its router, e.g. StableMoE's distillation)."""
+  sums = lm_loss.lm_sums(model, batch, train=True, step=step, rng=rng)
+  tokens = jnp.maximum(sums["tokens"], 1.0)
+  ce = sums["ce_sum"] / tokens
+  losses = summed_losses(sums["layers"])
+  zero = jnp.zeros(())
+  loss = ce + aux_weight * losses.get("aux_loss", zero) + z_weight * losses.get("z_loss", zero)
+  for name, value in losses.items():
+    if name not in ("aux_loss", "z_loss"):
+      loss = loss + value
+  aux = dict(ce=ce, aux_loss=losses.get("aux_loss", zero), z_loss=losses.get("z_loss", zero),
+             accuracy=sums["correct"] / tokens, layers=sums["layers"])
+  aux.update({k: v for k, v in losses.items() if k not in aux})
+  return loss, aux
 
 
 def step_rng(seed: int, step: Array) -> Array:
@@ -220,174 +181,36 @@ def step_rng(seed: int, step: Array) -> Array:
 
 
 def train_step(graphdef, state, batch, *, aux_weight: float, z_weight: float, schedule, seed: int = 0):
-  """One optimizer step. Pure: (state, batch) -> (new state, metrics)."""
+  """One optimizer step, then the routers' state updates. Pure: (state, batch) -> (new state, metrics)."""
   model, optimizer = nnx.merge(graphdef, state)
   step = optimizer.step[...]
   grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
   (loss, aux), grads = grad_fn(model, batch, aux_weight, z_weight, step, step_rng(seed, step))
   optimizer.update(model, grads)
   layers = aux.pop("layers")
-  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step), **aux)
-  for key in RATE_KEYS + ("gating_dropped",):
-    if key in layers:
-      metrics[key] = jnp.mean(layers[key])
+  model.after_step(layers)
+  out = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step), **aux)
   if layers:
-    metrics["expert_demand"] = layers["expert_demand"]  # [num_moe_layers, E]
-    metrics["expert_load"] = layers["expert_load"]
-  return nnx.state((model, optimizer)), metrics
+    counts = {k: jnp.stack([m["counts"][k] for m in layers]) for k in layers[0]["counts"]}
+    layer_rates = metrics.rates(counts)
+    out.update({k: jnp.mean(layer_rates[k]) for k in metrics.TRAIN_RATE_KEYS})
+    out["expert_demand"] = counts["expert_demand"]  # [num_moe_layers, E]
+    out["expert_load"] = counts["expert_load"]
+  return nnx.state((model, optimizer)), out
 
 
-def eval_sums(model: model_lib.TransformerLM, batch: dict[str, Array]) -> dict[str, Any]:
-  """Sums over one batch in eval mode: ce_sum, correct, tokens and per-layer routing metrics [layers, ...]."""
-  ce_sum, correct, tokens, layer_metrics = _forward(model, batch, train=False)
-  return dict(ce_sum=ce_sum, correct=correct, tokens=tokens, layers=_stack_layer_metrics(layer_metrics))
-
-
-def eval_step(graphdef, state, batch):
-  """`eval_sums` of the model half of a (model, optimizer) state."""
-  model, _ = nnx.merge(graphdef, state)
-  return eval_sums(model, batch)
-
-
-def jit_steps(config, graphdef, state_shardings, mesh, schedule):
-  """jax.jit'd train and eval steps with explicit in/out shardings; the train state is donated."""
-  batch_sharding = {k: NamedSharding(mesh, sharding.token_spec(2)) for k in ("inputs", "targets", "token_mask")}
-  replicated = NamedSharding(mesh, P())
-  train_fn = jax.jit(
-      functools.partial(train_step, graphdef, aux_weight=config.train.aux_loss_weight,
-                        z_weight=config.train.z_loss_weight, schedule=schedule, seed=config.seed),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+def jit_train_step(cfg: schema.RunConfig, graphdef, state_shardings, mesh, schedule):
+  """jax.jit'd train step with explicit in/out shardings; the train state is donated."""
+  return jax.jit(
+      functools.partial(train_step, graphdef, aux_weight=cfg.train.aux_loss_weight,
+                        z_weight=cfg.train.z_loss_weight, schedule=schedule, seed=cfg.seed),
+      in_shardings=(state_shardings, batch_shardings(mesh)), out_shardings=(state_shardings, NamedSharding(mesh, P())),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef), in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=replicated)
-  return train_fn, eval_fn
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, Array]:
-  """Per-process numpy batch -> global arrays sharded over (data, expert)."""
-  spec = NamedSharding(mesh, sharding.token_spec(2))
-  return {k: jax.make_array_from_process_local_data(spec, np.asarray(local[k]))
-          for k in ("inputs", "targets", "token_mask")}
-
-
-def lm_metrics(totals: dict[str, float]) -> dict[str, float]:
-  """Loss, perplexity and token accuracy from summed "ce_sum", "correct" and "tokens"."""
-  tokens = max(totals["tokens"], 1.0)
-  loss = totals["ce_sum"] / tokens
-  return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "accuracy": totals["correct"] / tokens}
-
-
-def evaluate(eval_fn, state, batches, mesh) -> dict[str, Any]:
-  """Held-out loss, perplexity, token accuracy and per-layer routing metrics over `batches`."""
-  totals, layer_sums, layer_weights = {"ce_sum": 0.0, "correct": 0.0, "tokens": 0.0}, None, 0.0
-  for local in batches:
-    out = jax.device_get(eval_fn(state, global_batch(local, mesh)))
-    for k in totals:
-      totals[k] += float(out[k])
-    layers = out["layers"]
-    if layers:
-      # Token-weighted average of the per-layer rates; sums for per-expert counts.
-      weight = float(out["tokens"])
-      scaled = {k: (np.asarray(v) if k in ("expert_demand", "expert_load", "tokens") else np.asarray(v) * weight)
-                for k, v in layers.items()}
-      layer_sums = scaled if layer_sums is None else {k: layer_sums[k] + scaled[k] for k in scaled}
-      layer_weights += weight
-  result: dict[str, Any] = dict(lm_metrics(totals), tokens=totals["tokens"])
-  if layer_sums is not None:
-    per_layer = {}
-    for k, v in layer_sums.items():
-      per_layer[k] = (v if k in ("expert_demand", "expert_load", "tokens") else v / max(layer_weights, 1.0)).tolist()
-    result["layers"] = per_layer
-  return result
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints.
+# The loop.
 # ---------------------------------------------------------------------------------------------------------
-class Checkpointer:
-  """Orbax CheckpointManager in `workdir/checkpoints`: train state (model + optimizer) and data position."""
-
-  def __init__(self, workdir: str, *, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def save(self, step: int, state, data_state: Optional[dict] = None) -> None:
-    args = {"state": ocp.args.StandardSave(nnx.to_pure_dict(state))}
-    args["data"] = ocp.args.JsonSave(data_state or {})
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-
-  def restore(self, step: int, state, state_shardings) -> tuple[Any, dict]:
-    """Restores `step` into the structure (and shardings) of `state`; returns (state, data_state)."""
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    new_state = jax.tree.map(lambda x: x, state)
-    nnx.replace_by_pure_dict(new_state, restored["state"])
-    return new_state, dict(restored["data"] or {})
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Metrics output.
-# ---------------------------------------------------------------------------------------------------------
-class MetricsWriter:
-  """`workdir/metrics.jsonl` (one JSON object per logged step / eval), TensorBoard events, load traces."""
-
-  def __init__(self, workdir: str, *, write_loads: bool):
-    from tensorboardX import SummaryWriter  # local import: heavy
-    self.workdir = workdir
-    self.is_main = jax.process_index() == 0
-    self.write_loads = write_loads and self.is_main
-    if self.is_main:
-      os.makedirs(os.path.join(workdir, "loads"), exist_ok=True)
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self.loads = open(os.path.join(workdir, "loads", "loads.jsonl"), "a") if self.write_loads else None
-
-  def scalars(self, step: int, kind: str, values: dict[str, Any]) -> None:
-    if not self.is_main:
-      return
-    flat = {k: float(v) for k, v in values.items() if not isinstance(v, (dict, list)) and np.ndim(v) == 0}
-    self.jsonl.write(json.dumps({"step": step, "kind": kind, **flat}) + "\n")
-    for k, v in flat.items():
-      self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-  def loads_trace(self, step: int, demand: np.ndarray, accepted: np.ndarray) -> None:
-    """One line per step: demand (before capacity) and accepted load, [num_moe_layers, E] each."""
-    if self.loads is not None:
-      self.loads.write(json.dumps({"step": step, "demand": np.asarray(demand).tolist(),
-                                   "accepted": np.asarray(accepted).tolist()}) + "\n")
-
-  def flush(self) -> None:
-    if self.is_main:
-      self.jsonl.flush()
-      self.tb.flush()
-      if self.loads is not None:
-        self.loads.flush()
-
-  def close(self) -> None:
-    if self.is_main:
-      self.flush()
-      self.jsonl.close()
-      self.tb.close()
-      if self.loads is not None:
-        self.loads.close()
-
-
 class _StopRequest:
   """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly after the current step."""
 
@@ -418,60 +241,62 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+def _write_config(cfg: schema.RunConfig, mesh_shape: tuple[int, int], paths: Workdir) -> None:
+  saved = fields.to_config_dict(cfg)
+  saved.mesh.data, saved.mesh.expert = mesh_shape  # the mesh actually used (-1 resolved)
+  with open(paths.config_json, "w") as f:
+    f.write(saved.to_json_best_effort(indent=2))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The job.
-# ---------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in workdir if any), evaluates periodically, saves.
 
   Returns:
     A summary: final step, last train metrics, last eval metrics, stop reason.
   """
-  maybe_initialize_distributed(config)
-  mesh_shape = validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  saved_config = ml_collections.ConfigDict(config.to_dict())
-  saved_config.mesh.data, saved_config.mesh.expert = mesh_shape  # the mesh actually used (-1 resolved)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(saved_config.to_json_best_effort(indent=2))
+  cfg = schema.parse(config)
+  distributed.maybe_initialize(cfg)
+  mesh_shape = validate_config(cfg)
+  paths = Workdir(workdir)
+  os.makedirs(paths.root, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_config(cfg, mesh_shape, paths)
 
-  train_cfg = config.train
+  train_cfg = cfg.train
+  moe_cfg = _moe_or_none(cfg)
   mesh = sharding.make_mesh(*mesh_shape)
-  _log(f"Mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s), "
-       f"{jax.process_count()} process(es).")
-  graphdef, state, state_shardings = create_train_state(config, mesh)
-  _, schedule = make_optimizer(train_cfg, model_configs(config)[1])
-  train_fn, eval_fn = jit_steps(config, graphdef, state_shardings, mesh, schedule)
+  log.info(f"Mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s), "
+           f"{jax.process_count()} process(es).")
+  graphdef, state, state_shardings = create_train_state(cfg, mesh)
+  _, schedule = make_optimizer(train_cfg, moe_cfg)
+  train_fn = jit_train_step(cfg, graphdef, state_shardings, mesh, schedule)
+  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)[0])
+  evaluator = Evaluator(model_graphdef, state_shardings[0], mesh)
   total, expert = count_params(state)
-  _log(f"Parameters: {total:,} total, {expert:,} in experts. Router: k={config.moe.top_k}, "
-       f"fill_in={config.moe.fill_in}, ir_mode={config.moe.ir_mode}, priority={config.moe.priority}, "
-       f"capacity_factor={config.moe.capacity_factor}.")
+  router = moe_lib.describe(moe_cfg) if moe_cfg is not None else "none (dense)"
+  log.info(f"Parameters: {total:,} total, {expert:,} in experts. Router: {router}"
+           + (f", priority={moe_cfg.priority}, capacity_factor={moe_cfg.capacity_factor}." if moe_cfg else "."))
 
   process_index, process_count = jax.process_index(), jax.process_count()
-  train_iter = data_lib.make_train_iterator(config.data, seq_len=train_cfg.seq_len,
-                                            global_batch_size=train_cfg.batch_size, seed=config.seed,
+  train_iter = data_lib.make_train_iterator(cfg.data, seq_len=train_cfg.seq_len,
+                                            global_batch_size=train_cfg.batch_size, seed=cfg.seed,
                                             process_index=process_index, process_count=process_count)
-  eval_batches = data_lib.make_eval_batches(config.data, seq_len=train_cfg.seq_len,
+  eval_batches = data_lib.make_eval_batches(cfg.data, seq_len=train_cfg.seq_len,
                                             batch_size=train_cfg.eval_batch_size // process_count,
                                             max_batches=train_cfg.eval_batches, process_index=process_index,
                                             process_count=process_count)
 
-  checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  checkpointer = checkpoints.Checkpointer(paths, keep=train_cfg.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     state, data_state = checkpointer.restore(start_step, state, state_shardings)
     if data_state.get("iterator") is not None:
       train_iter.set_state(data_state["iterator"])
-    _log(f"Resumed from step {start_step} ({checkpointer.directory}).")
+    log.info(f"Resumed from step {start_step} ({checkpointer.directory}).")
   if start_step >= train_cfg.steps:
-    _log(f"Nothing to do: checkpoint step {start_step} >= train.steps={train_cfg.steps}.")
+    log.info(f"Nothing to do: checkpoint step {start_step} >= train.steps={train_cfg.steps}.")
 
-  writer = MetricsWriter(workdir, write_loads=train_cfg.write_loads)
+  writer = MetricsWriter(paths, write_loads=train_cfg.write_loads)
   tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
   pending: list[tuple[int, dict[str, Array]]] = []
   last_good_step, last_train, last_eval, reason = start_step, {}, {}, "completed"
@@ -480,15 +305,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def drain() -> None:
     """Fetches pending step metrics, checks them, writes them. Raises NonFiniteLossError on NaN/inf."""
     nonlocal last_train, last_good_step
-    for step, metrics in jax.device_get(pending):
-      if not np.isfinite(metrics["loss"]):
+    for step, step_metrics in jax.device_get(pending):
+      if not np.isfinite(step_metrics["loss"]):
         raise NonFiniteLossError(
-            f"Loss became {metrics['loss']} at step {step}. The last good checkpoint is step "
+            f"Loss became {step_metrics['loss']} at step {step}. The last good checkpoint is step "
             f"{checkpointer.latest_step()} in {checkpointer.directory} (nothing after it was saved). Lower "
             f"train.learning_rate (now {train_cfg.learning_rate}) or raise train.warmup_steps, then rerun to resume.")
-      if "expert_demand" in metrics:
-        writer.loads_trace(step, metrics.pop("expert_demand"), metrics.pop("expert_load"))
-      last_train = {k: float(v) for k, v in metrics.items()}
+      if "expert_demand" in step_metrics:
+        writer.loads_trace(step, step_metrics.pop("expert_demand"), step_metrics.pop("expert_load"))
+      last_train = {k: float(v) for k, v in step_metrics.items()}
       last_good_step = step
     pending.clear()
 
@@ -503,27 +328,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start_step
   try:
     with jax.set_mesh(mesh), _StopRequest() as stop:
-      stop_at = train_cfg.get("stop_at_step", 0) or train_cfg.steps
+      stop_at = train_cfg.stop_at_step or train_cfg.steps
       while step < min(train_cfg.steps, stop_at):
         batch = global_batch(next(train_iter), mesh)
-        state, metrics = train_fn(state, batch)
+        state, step_metrics = train_fn(state, batch)
         step += 1
         window_steps += 1
-        pending.append((step, metrics))
+        pending.append((step, step_metrics))
         if step % train_cfg.log_every == 0 or step in (train_cfg.steps, stop_at) or stop.signal is not None:
           drain()
           elapsed = time.time() - window_start
           rate = tokens_per_step * window_steps / max(elapsed, 1e-9)
           writer.scalars(step, "train", {**last_train, "tokens_per_second": rate})
-          _log(_progress_line(step, train_cfg.steps, last_train, rate,
-                              gating_dropout=config.moe.get("gating_dropout", 0.0) > 0))
+          log.info(progress_line(step, train_cfg.steps, last_train, rate,
+                                 gating_dropout=moe_cfg is not None and moe_cfg.gating_dropout > 0))
           window_start, window_steps = time.time(), 0
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
           drain()
-          last_eval = evaluate(eval_fn, state, eval_batches, mesh)
+          last_eval = evaluator(state[0], eval_batches, moe_layer_indices=cfg.model.moe_layer_indices)
           writer.scalars(step, "eval", last_eval)
-          _log(f"[eval] step {step}: loss {last_eval['loss']:.4f}  ppl {last_eval['perplexity']:.2f}  "
-               f"accuracy {last_eval['accuracy']:.4f}  ({int(last_eval['tokens'])} tokens)")
+          log.info(f"[eval] step {step}: loss {last_eval['loss']:.4f}  ppl {last_eval['perplexity']:.2f}  "
+                   f"accuracy {last_eval['accuracy']:.4f}  ({int(last_eval['tokens'])} tokens)")
         if step % train_cfg.checkpoint_every == 0 or step in (train_cfg.steps, stop_at):
           drain()
           save(step)
@@ -532,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           drain()
           save(step)
           reason = f"stopped by {signal.Signals(stop.signal).name}"
-          _log(f"Received {signal.Signals(stop.signal).name}: saved checkpoint at step {step}; rerun to resume.")
+          log.info(f"Received {signal.Signals(stop.signal).name}: saved checkpoint at step {step}; rerun to resume.")
           break
   finally:
     writer.close()
@@ -540,15 +365,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return dict(step=step, train=last_train, eval=last_eval, reason=reason, last_good_step=last_good_step)
 
 
-def _progress_line(step: int, total: int, metrics: dict[str, float], tokens_per_second: float,
-                   gating_dropout: bool = False) -> str:
-  parts = [f"step {step}/{total}", f"loss {metrics.get('loss', float('nan')):.4f}",
-           f"ce {metrics.get('ce', float('nan')):.4f}", f"lr {metrics.get('learning_rate', 0.0):.2e}",
+def progress_line(step: int, total: int, values: dict[str, float], tokens_per_second: float,
+                  gating_dropout: bool = False) -> str:
+  parts = [f"step {step}/{total}", f"loss {values.get('loss', float('nan')):.4f}",
+           f"ce {values.get('ce', float('nan')):.4f}", f"lr {values.get('learning_rate', 0.0):.2e}",
            f"{tokens_per_second:,.0f} tok/s"]
   for key, label in (("drop_rate", "drop"), ("padding_rate", "pad"), ("fill_in_rate", "fill"), ("ir_rate", "ir"),
                      ("gating_dropped", "gd")):
-    if key in metrics and (key != "gating_dropped" or gating_dropout):
-      parts.append(f"{label} {metrics[key]:.3f}")
+    if key in values and (key != "gating_dropped" or gating_dropout):
+      parts.append(f"{label} {values[key]:.3f}")
   return "  ".join(parts)
 
 
@@ -557,14 +382,13 @@ def run_main(config: ml_collections.ConfigDict, workdir: str) -> int:
   try:
     summary = train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    log.error(str(e))
     return 2
   except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
+    log.error(str(e))
     return 3
   except KeyboardInterrupt:
-    print("Interrupted by a second Ctrl-C: stopped without saving; rerun to resume from the last checkpoint.",
-          file=sys.stderr)
+    log.error("Interrupted by a second Ctrl-C: stopped without saving; rerun to resume from the last checkpoint.")
     return 130
-  _log(f"Done: {summary['reason']} at step {summary['step']}. Outputs in {os.path.abspath(workdir)}.")
+  log.info(f"Done: {summary['reason']} at step {summary['step']}. Outputs in {Workdir(workdir).root}.")
   return 0

@@ -63,7 +63,7 @@ def preparse(argv: Sequence[str], root: type, flag: str = "config") -> tuple[lis
     cls, name = _resolve(root, path)
     if not has_value and arg.startswith(prefixes[0]) and i + 1 < len(args) and not args[i + 1].startswith("--"):
       hint = typing.get_type_hints(cls)[name]
-      if fields._split_optional(hint)[0] is not bool:  # `--config.x value` (bools take no separate value)
+      if fields.split_optional(hint)[0] is not bool:  # `--config.x value` (bools take no separate value)
         value, has_value = args[i + 1], True
         i += 1
         arg = f"{arg}={value}"

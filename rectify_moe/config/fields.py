@@ -55,11 +55,11 @@ def names_of_kind(cls: type, kind: str) -> tuple[str, ...]:
   return tuple(f.name for f in fields_of(cls) if f.metadata.get("kind") == kind)
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
   return typing.get_type_hints(cls)
 
 
-def _split_optional(hint: Any) -> tuple[Any, bool]:
+def split_optional(hint: Any) -> tuple[Any, bool]:
   """(inner type, None allowed) of `Optional[X]` / `X | None`; (hint, False) otherwise."""
   if typing.get_origin(hint) in (Union, types.UnionType):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -69,12 +69,12 @@ def _split_optional(hint: Any) -> tuple[Any, bool]:
 
 
 def is_optional(cls: type, name: str) -> bool:
-  return _split_optional(_hints(cls)[name])[1]
+  return split_optional(type_hints(cls)[name])[1]
 
 
 def choices(hint: Any) -> Optional[tuple[Any, ...]]:
   """The allowed values of a `Literal[...]` hint (inside Optional too), else None."""
-  inner, _ = _split_optional(hint)
+  inner, _ = split_optional(hint)
   return typing.get_args(inner) if typing.get_origin(inner) is Literal else None
 
 
@@ -84,9 +84,9 @@ def closest(name: str, candidates: typing.Iterable[str], section: str = "") -> s
   return f" Did you mean {join(section, match[0])!r}?" if match else ""
 
 
-def _coerce(path: str, hint: Any, value: Any) -> Any:
+def coerce(path: str, hint: Any, value: Any) -> Any:
   """`value` as the field's type, or ConfigError."""
-  inner, nullable = _split_optional(hint)
+  inner, nullable = split_optional(hint)
   if isinstance(value, config_dict.FieldReference):
     value = value.get()
   if value is None or (nullable and isinstance(value, str) and value.strip().lower() in ("none", "null")):
@@ -157,7 +157,7 @@ def from_mapping(cls: type[T], values: Any, path: str = "") -> T:
   if isinstance(values, cls):
     return values
   values = dict(values.items()) if values is not None else {}
-  hints = _hints(cls)
+  hints = type_hints(cls)
   names = [f.name for f in fields_of(cls)]
   unknown = sorted(set(values) - set(names))
   if unknown:
@@ -179,21 +179,21 @@ def from_mapping(cls: type[T], values: Any, path: str = "") -> T:
       value = value.get()
     if f.name in aliases and isinstance(value, (str, bool)) and value in aliases[f.name]:
       value = aliases[f.name][value]
-    kwargs[f.name] = _coerce(sub, hint, value)
+    kwargs[f.name] = coerce(sub, hint, value)
     check_range(sub, kwargs[f.name], f.metadata)
   return cls(**kwargs)
 
 
 def to_config_dict(section: Any) -> ml_collections.ConfigDict:
   """The ConfigDict of a section instance (nested sections become nested ConfigDicts)."""
-  hints = _hints(type(section))
+  hints = type_hints(type(section))
   out = ml_collections.ConfigDict()
   for f in fields_of(section):
     value = getattr(section, f.name)
     if dataclasses.is_dataclass(value):
       out[f.name] = to_config_dict(value)
       continue
-    inner, nullable = _split_optional(hints[f.name])
+    inner, nullable = split_optional(hints[f.name])
     if value is None and nullable:
       base = inner if choices(inner) is None else type(choices(inner)[0])
       out[f.name] = config_dict.placeholder(base)

@@ -32,7 +32,7 @@ The column `configs/default.py` shows where the default experiment differs from 
 
 def _type(hint: Any) -> str:
   allowed = fields.choices(hint)
-  inner, nullable = fields._split_optional(hint)
+  inner, nullable = fields.split_optional(hint)
   text = " \\| ".join(repr(c) for c in allowed) if allowed is not None else getattr(inner, "__name__", str(inner))
   return text + (" \\| None" if nullable else "")
 

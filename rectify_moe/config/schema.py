@@ -14,17 +14,15 @@ import ml_collections
 
 from rectify_moe import routing
 from rectify_moe.config.fields import ARCHITECTURE, ROUTING, ConfigError, field, fields_of, from_mapping, to_config_dict
+from rectify_moe import routers
+from rectify_moe.routers.hash_layers import HashTableKind
+from rectify_moe.routing import CombineMode, FillInPriority, IRMode, Priority
 
-Priority = Literal["position", "bpr", "token_major"]
-FillInPriority = Literal["same", "score"]
-CombineMode = Literal["normalized", "probs"]
-IRMode = Literal["all", "any", "ignore_kth"]
 Activation = Literal["swiglu", "gelu"]
 Dispatch = Literal["einsum", "index"]
 DType = Literal["float32", "bfloat16"]
 GatingDropoutMode = Literal["gate_drop", "gate_expert_drop"]
 GatingDropoutWeight = Literal["one", "prob"]
-HashTableKind = Literal["random", "balanced"]
 DataSource = Literal["stdlib", "text_files", "tfds"]
 Distributed = Literal["auto", "on", "off"]
 
@@ -171,7 +169,6 @@ class MoEConfig:
 
   def validate(self) -> None:
     """Raises ConfigError naming the field and the fix, before anything is compiled."""
-    from rectify_moe import routers  # the registry knows each router's own rules
     check_section(self, "moe")
     if self.top_k > self.num_experts:
       raise ConfigError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}].")

@@ -5,7 +5,9 @@ Stage 1 (step < switch_step): route greedily (top-1) by `s = h E^T` (the router 
 token id: `s_hat = D[token] E_hat^T` (D: [V, r], E_hat: [E, r], r = 50 in the paper).
 Stage 2 (step >= switch_step) and evaluation: route by the distilled router, which is frozen for real:
 `freeze_after` zeroes its optimizer updates, so neither momentum nor weight decay moves it. The gate keeps
-using the original score `sigmoid(s[a])`, which keeps learning.
+using the original score `sigmoid(s[a])`, which keeps learning. Losses: the balance loss "aux_loss" (weighted by
+train.aux_loss_weight, alpha) and the distillation loss "distill_loss" (weighted by moe.stablemoe_distill_weight),
+both only in stage 1; the router z-loss "z_loss" of the scores.
 
 Deviations from the official code, on purpose (see docs/methods.md): the MoE layer replaces the FFN of
 every `moe_every`-th block (the code inserts one extra block); losses are summed over MoE layers (the code
@@ -14,11 +16,18 @@ keeps only the last layer's); padding tokens are masked out of the losses.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from rectify_moe import routing
+from rectify_moe.routers import base
+
+if TYPE_CHECKING:
+  from rectify_moe.config.schema import MoEConfig
 
 Array = jax.Array
 
@@ -105,3 +114,64 @@ def is_distilled_param(path) -> bool:
   """True for the key path of a distilled-router parameter."""
   names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
   return bool(names & set(DISTILLED_PARAMS))
+
+
+class StableMoERouter(base.Router):
+  """Greedy top-1 by centroid scores with a sigmoid gate; a distilled token-id router from the switch step on.
+
+  Parameters: `kernel` float32[D, E] (the centroids E^T), `distill_embed` float32[V, r], `distill_centroids`
+  float32[E, r].
+  """
+
+  needs_token_ids = True
+
+  def __init__(self, cfg: "MoEConfig", *, d_model: int, vocab_size: int, rngs: nnx.Rngs):
+    super().__init__(cfg, d_model=d_model, vocab_size=vocab_size, rngs=rngs)
+    self.kernel = base.softmax_router_kernel(cfg, d_model, rngs)
+    replicated = lambda init: nnx.with_partitioning(init, (None, None))
+    r = cfg.stablemoe_routing_dim
+    self.distill_embed = nnx.Param(replicated(nnx.initializers.normal(1.0))(rngs.params(), (vocab_size, r)))
+    self.distill_centroids = nnx.Param(
+        replicated(nnx.initializers.orthogonal(scale=0.1))(rngs.params(), (cfg.num_experts, r)))
+
+  def route(self, x: Array, ctx: base.RouteContext) -> base.RouterOutput:
+    cfg = self.cfg
+    num_experts = cfg.num_experts
+    scores = base.router_logits(x, self.kernel[...])
+    # Shape: [G, S, E] = einsum("gsr,er->gse")
+    distilled = jnp.einsum("gsr,er->gse", self.distill_embed[...][ctx.token_ids].astype(jnp.float32),
+                           self.distill_centroids[...].astype(jnp.float32))
+    stage2 = (ctx.step >= cfg.stablemoe_switch_step) if ctx.train else jnp.asarray(True)
+    route_scores = jax.lax.stop_gradient(jnp.where(stage2, distilled, scores))
+    choice = jnp.argmax(route_scores, axis=-1)
+    onehot = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+    table = routing.route_top_k(onehot, top_k=1, capacity=ctx.capacity, priority="position", combine="probs",
+                                token_mask=ctx.token_mask)
+    # The gate is sigmoid of the ORIGINAL score of the chosen expert (it keeps learning in stage 2).
+    gate = jax.nn.sigmoid(jnp.take_along_axis(scores, choice[..., None], axis=-1))  # [G, S, 1]
+    weight = gate * table.accepted
+    table = table.replace(combine_weight=weight, combine=table.dispatch * weight[..., None])
+
+    mask = ctx.token_mask
+    teacher = jnp.argmax(jax.lax.stop_gradient(scores), axis=-1)
+    validf = mask.astype(jnp.float32)
+    counts = ctx.global_sum(jnp.einsum("gse,gs->e", jax.nn.one_hot(teacher, num_experts), validf))
+    tokens = ctx.global_sum(jnp.sum(validf))
+    devices = ctx.global_sum(jnp.ones((), jnp.float32))
+    # Per-device parts scaled so that their mean over the mesh is (global sum) / (global tokens).
+    scale = devices / jnp.maximum(tokens, 1.0)
+    stage1 = 1.0 - stage2.astype(jnp.float32)
+    balance = balance_loss_sum(scores, teacher, mask, counts, tokens) * scale
+    distill = distill_loss_sum(distilled, teacher, mask) * scale
+    return base.output(jax.nn.softmax(scores, axis=-1), table,
+                       losses={"aux_loss": stage1 * balance,
+                               "distill_loss": stage1 * cfg.stablemoe_distill_weight * distill},
+                       token_loss_sums={"z_loss": routing.router_z_loss(scores, mask, reduction="sum")})
+
+  @classmethod
+  def optimizer_transform(cls, cfg: "MoEConfig") -> optax.GradientTransformation:
+    return freeze_after(cfg.stablemoe_switch_step, is_distilled_param)
+
+  @classmethod
+  def describe(cls, cfg: "MoEConfig") -> str:
+    return "StableMoE"

@@ -9,9 +9,24 @@ Two tables:
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+import typing
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-HASH_TABLES = ("random", "balanced")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rectify_moe import routing
+from rectify_moe.routers import base
+
+if TYPE_CHECKING:
+  from rectify_moe.config.schema import MoEConfig
+
+Array = jax.Array
+HashTableKind = Literal["random", "balanced"]
+HASH_TABLES = typing.get_args(HashTableKind)
 
 
 def random_balanced_table(vocab_size: int, num_experts: int, seed: int = 0) -> np.ndarray:
@@ -61,3 +76,41 @@ def build_table(kind: str, vocab_size: int, num_experts: int, *, seed: int = 0,
       raise ValueError(f"token_counts has {len(token_counts)} entries, expected vocab_size={vocab_size}.")
     return frequency_balanced_table(token_counts, num_experts)
   raise ValueError(f"Unknown moe.hash_table={kind!r}; use one of {list(HASH_TABLES)}.")
+
+
+class HashRouter(base.Router):
+  """Routes each token by `table[token_id]` (weight 1, no gate, no loss); the table is `RouterState` int32[V]."""
+
+  needs_token_ids = True
+
+  def __init__(self, cfg: "MoEConfig", *, d_model: int, vocab_size: int, rngs: nnx.Rngs,
+               table: Optional[np.ndarray] = None):
+    super().__init__(cfg, d_model=d_model, vocab_size=vocab_size, rngs=rngs)
+    if table is None:
+      if cfg.hash_table == "balanced":
+        raise ValueError("moe.hash_table='balanced' needs the table from HashRouter.prepare (token counts of the "
+                         "training data); build the model through rectify_moe.moe.prepare_router.")
+      table = random_balanced_table(vocab_size, cfg.num_experts, seed=0)
+    if len(table) != vocab_size:
+      raise ValueError(f"The hash table has {len(table)} entries, expected vocab_size={vocab_size}.")
+    self.table = base.RouterState(jnp.asarray(table, jnp.int32))
+
+  @classmethod
+  def prepare(cls, cfg: "MoEConfig", *, vocab_size: int,
+              token_counts: Optional[Callable[[], np.ndarray]]) -> dict[str, Any]:
+    if cfg.hash_table != "balanced":
+      return {}
+    if token_counts is None:  # an abstract model: the checkpoint holds the table
+      return {"table": np.zeros((vocab_size,), np.int32)}
+    return {"table": frequency_balanced_table(token_counts(), cfg.num_experts)}
+
+  def route(self, x: Array, ctx: base.RouteContext) -> base.RouterOutput:
+    choice = self.table[...][ctx.token_ids]
+    onehot = jax.nn.one_hot(choice, self.cfg.num_experts, dtype=jnp.float32)
+    table = routing.route_top_k(onehot, top_k=1, capacity=ctx.capacity, priority="position", combine="probs",
+                                token_mask=ctx.token_mask)  # weight 1 for accepted tokens: no gate
+    return base.output(onehot, table)
+
+  @classmethod
+  def describe(cls, cfg: "MoEConfig") -> str:
+    return "Hash"

@@ -1,0 +1,348 @@
+"""Checkpoint evaluation, the job behind `eval.py`: held-out loss, routing statistics per MoE layer, router swaps.
+
+`evaluate_checkpoint(config, workdir, ...)`:
+  1. find the step (latest or given), check that the config matches the run that wrote it (architecture fields,
+     then every parameter shape in the checkpoint);
+  2. restore only the model item of the checkpoint, straight into the shardings of a mesh of *this* machine (it may
+     differ from the training mesh);
+  3. evaluate the held-out split (the training loop's eval batches, `evaluator.Evaluator`) under the checkpoint's
+     own router and under every requested swap / evaluation capacity factor (`swaps.py`). A swap changes only
+     routing fields (the parameters are the same), so one restored state serves every router;
+  4. write `results.json`, `results.md` and PNG plots (`report.py`) to `workdir/eval/<step>/`.
+
+Errors a user can fix raise `EvalError` (or `CheckpointError`) with a one-line message; `run_main` prints it and
+returns non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from flax import nnx
+
+from rectify_moe import checkpoints, distributed, sharding
+from rectify_moe import log as log_lib
+from rectify_moe.log import one_line
+from rectify_moe import data as data_lib
+from rectify_moe import model as model_lib
+from rectify_moe import moe as moe_lib
+from rectify_moe.config import fields, schema
+from rectify_moe.evaluation import report
+from rectify_moe.evaluation.evaluator import Evaluator
+from rectify_moe.evaluation.swaps import ARCHITECTURE_FIELDS, ROUTING_FIELDS, EvalError, eval_capacity_factor, \
+    router_specs
+from rectify_moe.workdir import Workdir
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs and mesh.
+# ---------------------------------------------------------------------------------------------------------
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The full config a training run wrote to `workdir/config.json`, as a ConfigDict."""
+  path = Workdir(workdir).config_json
+  if not os.path.isfile(path):
+    raise EvalError(f"No config.json in workdir {workdir!r} (written by train.py); pass the run's config "
+                    "with --config=<file>.")
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except (OSError, ValueError) as e:
+    raise EvalError(f"Cannot read {path}: {one_line(e)}") from None
+  return ml_collections.ConfigDict(values)
+
+
+def check_architecture(config: schema.RunConfig, run_config: schema.RunConfig,
+                       run_config_path: str = "config.json") -> None:
+  """Raises EvalError naming the first architecture field where `config` and the run's config differ."""
+  for section, names in ARCHITECTURE_FIELDS.items():
+    for name in names:
+      given, trained = getattr(getattr(config, section), name), getattr(getattr(run_config, section), name)
+      if given != trained:
+        raise EvalError(f"--config does not match the checkpoint: {section}.{name}={given!r} in --config but "
+                        f"{trained!r} in the run that wrote it ({run_config_path}). Fix {section}.{name} or "
+                        "omit --config to use the run's own config.")
+
+
+def _parse(config: Any) -> schema.RunConfig:
+  try:
+    cfg = schema.parse(config)
+    cfg.model.validate()
+    if cfg.model.num_moe_layers:
+      cfg.moe.validate()
+    data_lib.validate_data_config(cfg.data)
+  except ValueError as e:
+    raise EvalError(one_line(e)) from None
+  return cfg
+
+
+def resolve_eval_mesh(cfg: schema.RunConfig, mesh_shape: Optional[Sequence[int]] = None,
+                      num_devices: Optional[int] = None, log_fn: Log = log_lib.info) -> tuple[int, int]:
+  """The (data, expert) mesh to evaluate on.
+
+  `mesh_shape` if given (-1 = remaining devices); else the run's mesh if it fits this machine and the eval
+  batch; else (devices / e, e) with e = gcd(num_experts, devices).
+
+  Raises:
+    EvalError: the mesh does not fit the devices, the experts or the eval batch.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  moe_cfg = cfg.moe if cfg.model.num_moe_layers else None
+
+  def check(shape):
+    data, expert = sharding.resolve_mesh_shape(int(shape[0]), int(shape[1]), num_devices)
+    used = data * expert
+    batch = cfg.train.eval_batch_size
+    if moe_cfg is not None:
+      sharding.validate_moe_layout(num_experts=moe_cfg.num_experts, expert_axis=expert, global_batch=batch,
+                                   seq_len=cfg.train.seq_len, group_size=moe_cfg.group_size, num_devices=used)
+    elif batch % used:
+      raise ValueError(f"eval_batch_size={batch} is not divisible by the {used} devices of the mesh.")
+    return data, expert
+
+  if mesh_shape is not None:
+    try:
+      return check(mesh_shape)
+    except ValueError as e:
+      raise EvalError(f"Mesh {tuple(mesh_shape)}: {one_line(e)}") from None
+  try:
+    return check((cfg.mesh.data, cfg.mesh.expert))
+  except ValueError as e:
+    run_error = one_line(e)
+  experts = moe_cfg.num_experts if moe_cfg is not None else 1
+  expert = math.gcd(experts, num_devices)
+  fallback = (num_devices // expert, expert)
+  try:
+    shape = check(fallback)
+  except ValueError as e:
+    raise EvalError(f"The run's mesh ({cfg.mesh.data}, {cfg.mesh.expert}) does not fit here ({run_error}) "
+                    f"and neither does {fallback}: {one_line(e)} Pass --mesh=data,expert and/or "
+                    "--eval_batch_size.") from None
+  log_fn(f"note: the run's mesh ({cfg.mesh.data}, {cfg.mesh.expert}) does not fit this machine "
+         f"({num_devices} {jax.default_backend()} device(s)); evaluating on mesh {shape}.")
+  return shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Restore.
+# ---------------------------------------------------------------------------------------------------------
+def abstract_model(cfg: schema.RunConfig, mesh: jax.sharding.Mesh, moe_cfg: Optional[schema.MoEConfig] = None):
+  """(graphdef, abstract state) of the model, with no parameter materialised.
+
+  `moe_cfg` replaces the config's MoE settings (a router swap: same parameters, other graphdef). Router state that
+  the training data would prepare (a balanced hash table) is a placeholder that the restore fills.
+  """
+  moe_cfg = cfg.moe if moe_cfg is None else moe_cfg
+  has_moe = bool(cfg.model.num_moe_layers)
+  prepared = moe_lib.prepare_router(moe_cfg, vocab_size=cfg.model.vocab_size) if has_moe else None
+  with jax.set_mesh(mesh):
+    model = nnx.eval_shape(lambda: model_lib.TransformerLM(cfg.model, moe_cfg if has_moe else None, rngs=nnx.Rngs(0),
+                                                           router_prepared=prepared))
+  return nnx.split(model)
+
+
+def restore_model(workdir: str, cfg: schema.RunConfig, mesh: jax.sharding.Mesh, step: Optional[int] = None):
+  """Restores the model of a training checkpoint onto `mesh` (any mesh whose expert axis divides E).
+
+  Returns:
+    (step, graphdef, state): the restored step and `nnx.split(model)` with concrete arrays.
+
+  Raises:
+    EvalError: no workdir / checkpoint, unknown step, parameter mismatch, corrupt checkpoint.
+  """
+  checkpoints.drop_closed_loop_errors()
+  if not os.path.isdir(workdir):
+    raise EvalError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
+  if not checkpoints.exists(workdir):
+    raise EvalError(f"No checkpoint in {workdir!r} (no checkpoints/ folder); train first: "
+                    f"python train.py --workdir={workdir}")
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.select_step(step)
+    graphdef, abstract = abstract_model(cfg, mesh)
+    params = ckpt.restore_model(step, checkpoints.abstract_target(abstract, mesh))
+  except checkpoints.CheckpointError as e:
+    raise EvalError(str(e)) from None
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(abstract, params)
+  return step, graphdef, abstract
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[int] = None,
+                        swaps: Sequence[str] = (), eval_capacity_factors: Sequence[float] = (),
+                        mesh_shape: Optional[Sequence[int]] = None, eval_batches: Optional[int] = None,
+                        eval_batch_size: Optional[int] = None, output_dir: Optional[str] = None,
+                        write: bool = True, plots: bool = True, log: Log = log_lib.info) -> dict[str, Any]:
+  """Evaluates one checkpoint under its own router and every swap; writes results (see module doc).
+
+  Args:
+    config: the config to use (ConfigDict, mapping or RunConfig); None = the run's own `workdir/config.json`. A
+      given config must match the run's architecture (EvalError otherwise); its data / eval settings / routing
+      fields are used as given.
+    workdir: the training run's workdir.
+    step: checkpoint step (None = latest).
+    swaps: router swap specs (see `swaps.parse_swap`, `swaps.router_specs`).
+    eval_capacity_factors: evaluate every router also at each of these capacity factors.
+    mesh_shape: (data, expert) of the evaluation mesh; None = the run's mesh if it fits, else a fitting one.
+    eval_batches: held-out batches (None = train.eval_batches, as the training loop's eval).
+    eval_batch_size: rows per eval batch (None = train.eval_batch_size).
+    output_dir: where to write (None = workdir/eval/<step>).
+    write: write results.json, results.md and plots.
+    plots: write the PNG plots.
+    log: progress sink.
+
+  Returns:
+    The results dict that is written to results.json (`routers`: one entry per row, in order).
+  """
+  if not os.path.isdir(workdir):
+    raise EvalError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
+  paths = Workdir(workdir)
+  run_cfg = None
+  if config is None:
+    cfg = run_cfg = _parse(load_run_config(workdir))
+  else:
+    cfg = _parse(config)
+    if os.path.isfile(paths.config_json):
+      run_cfg = _parse(load_run_config(workdir))
+      check_architecture(cfg, run_cfg, paths.config_json)
+  for name, value in (("eval_batches", eval_batches), ("eval_batch_size", eval_batch_size)):
+    if value is not None and value < 1:
+      raise EvalError(f"--{name}={value} must be >= 1.")
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, eval_batches=int(eval_batches or cfg.train.eval_batches),
+      eval_batch_size=int(eval_batch_size or cfg.train.eval_batch_size)))
+  base_moe = cfg.moe if cfg.model.num_moe_layers else None
+  routers = router_specs(base_moe, swaps, eval_capacity_factors)
+
+  distributed.maybe_initialize(cfg)
+  mesh_dims = resolve_eval_mesh(cfg, mesh_shape, log_fn=log)
+  mesh = sharding.make_mesh(*mesh_dims)
+  step, graphdef, state = restore_model(workdir, cfg, mesh, step)
+  mesh_source = run_cfg if run_cfg is not None else cfg
+  train_mesh = (mesh_source.mesh.data, mesh_source.mesh.expert)
+  log(f"Restored step {step} from {paths.checkpoints} onto mesh {dict(mesh.shape)} "
+      f"({jax.device_count()} {jax.default_backend()} device(s); trained on mesh {train_mesh}).")
+  uses_ir = base_moe is not None and any(r.moe.ir_mode for r in routers)
+  if uses_ir and train_mesh[1] > 0 and mesh_dims[1] != train_mesh[1]:
+    log(f"note: IR uses the experts local to each device; the expert axis is {mesh_dims[1]} here and "
+        f"{train_mesh[1]} in training, so IR rows differ from an evaluation on the training mesh.")
+
+  process_count = jax.process_count()
+  try:
+    batches = data_lib.make_eval_batches(
+        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.eval_batch_size // process_count,
+        max_batches=cfg.train.eval_batches, process_index=jax.process_index(), process_count=process_count)
+  except (ValueError, FileNotFoundError) as e:
+    raise EvalError(one_line(e)) from None
+  moe_layers = cfg.model.moe_layer_indices
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+  rows: list[dict[str, Any]] = []
+  done: dict[Any, dict[str, Any]] = {}
+  for index, router in enumerate(routers, start=1):
+    label = f"router {index}/{len(routers)} {router.label}"
+    if router.moe in done:
+      log(f"[eval] {label}: same router as an earlier row, reusing its results")
+      result = done[router.moe]
+    else:
+      router_graphdef = graphdef if not router.overrides else abstract_model(cfg, mesh, router.moe)[0]
+      evaluator = Evaluator(router_graphdef, state_shardings, mesh)
+      progress = lambda i, n, t, label=label: log(f"[eval] {label}: batch {i}/{n}  ({t:.1f}s)")
+      result = evaluator(state, batches, moe_layer_indices=moe_layers,
+                         capacity=router.moe.capacity(False) if router.moe is not None else None, progress=progress)
+      done[router.moe] = result
+    rows.append({
+        "name": router.label,
+        "router": moe_lib.describe(router.moe) if router.moe is not None else "dense",
+        "swap": dict(router.overrides),
+        "eval_capacity_factor": eval_capacity_factor(router.moe) if router.moe is not None else None,
+        "moe": ({k: getattr(router.moe, k) for k in ROUTING_FIELDS} if router.moe is not None else {}),
+        **result,
+    })
+
+  results = {
+      "workdir": paths.root,
+      "step": step,
+      "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "mesh": {"data": mesh_dims[0], "expert": mesh_dims[1]},
+      "train_mesh": {"data": train_mesh[0], "expert": train_mesh[1]},
+      "devices": f"{jax.device_count()} {jax.default_backend()}",
+      "eval_batches": len(batches),
+      "eval_batch_size": int(cfg.train.eval_batch_size),
+      "seq_len": int(cfg.train.seq_len),
+      "moe_layers": moe_layers,
+      "model": fields.as_dict(cfg.model),
+      "checkpoint_moe": fields.as_dict(base_moe) if base_moe is not None else None,
+      "routers": rows,
+  }
+  table = report.comparison_table(results)
+  log("")
+  log(table)
+  if write and jax.process_index() == 0:
+    out = output_dir or paths.eval_dir(step)
+    written = report.write_outputs(results, out, plots=plots)
+    results["outputs"] = written
+    log(f"Wrote {', '.join(os.path.basename(p) for p in written)} to {os.path.abspath(out)}.")
+  return results
+
+
+def log_line(error: BaseException) -> str:
+  return one_line(error)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI body.
+# ---------------------------------------------------------------------------------------------------------
+def parse_mesh(text: Optional[str]) -> Optional[tuple[int, int]]:
+  """'4,2' -> (4, 2); None / '' -> None."""
+  if not text:
+    return None
+  parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+  try:
+    values = tuple(int(p) for p in parts)
+  except ValueError:
+    values = ()
+  if len(values) != 2:
+    raise EvalError(f"--mesh={text!r}: give two integers data,expert (e.g. --mesh=4,2; -1 = remaining devices).")
+  return values  # type: ignore[return-value]
+
+
+def parse_factors(values: Sequence[str]) -> list[float]:
+  out = []
+  for value in values:
+    try:
+      out.append(float(value))
+    except ValueError:
+      raise EvalError(f"--eval_capacity_factors: {value!r} is not a number.") from None
+  return out
+
+
+def run_main(config: Optional[Any], workdir: str, **kwargs: Any) -> int:
+  """eval.py's body: one-line errors (no traceback) and an exit code."""
+  checkpoints.drop_closed_loop_errors()
+  try:
+    if isinstance(kwargs.get("mesh_shape"), str):
+      kwargs["mesh_shape"] = parse_mesh(kwargs["mesh_shape"])
+    if kwargs.get("eval_capacity_factors"):
+      kwargs["eval_capacity_factors"] = parse_factors(kwargs["eval_capacity_factors"])
+    evaluate_checkpoint(config, workdir, **kwargs)
+  except EvalError as e:
+    log_lib.error(str(e))
+    return 2
+  except (ValueError, FileNotFoundError) as e:
+    log_lib.error(one_line(e, 500))
+    return 2
+  return 0
