@@ -7,7 +7,8 @@ Override any field: --config.moe.top_k=2 --config.train.steps=100
 
 import ml_collections
 
-from rectify_moe import data
+from rectify_moe.config import schema
+from rectify_moe.config.fields import to_config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Mesh: sizes of the 'data' and 'expert' axes; -1 = all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))
 
-  config.data = data.default_data_config()
+  config.data = to_config_dict(schema.DataConfig())
 
   config.model = ml_collections.ConfigDict(dict(
       vocab_size=259, num_layers=4, d_model=128, num_heads=4, d_ff=512, moe_every=2,
