@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from rectify_moe import data
+from rectify_moe.config import fields, schema
+from rectify_moe.data import registered
 
 # ----------------------------------------------------------------------------------------------
 # Helpers and independent references.
@@ -65,8 +67,13 @@ def write_corpus(folder, num_files, seed=0, lines=(3, 30)):
   return contents
 
 
+def default_cfg():
+  """The ``data`` section with its defaults, as configs/default.py builds it."""
+  return fields.to_config_dict(schema.DataConfig())
+
+
 def text_cfg(tmp_path, pattern, **overrides):
-  cfg = data.default_data_config()
+  cfg = default_cfg()
   cfg.source = "text_files"
   cfg.text_files = str(pattern)
   cfg.data_dir = str(tmp_path / "tfds")
@@ -175,7 +182,7 @@ def test_real_stdlib_file_list():
 
 def test_stdlib_corpus_build():
   """Builds (or re-opens) the real default corpus in the default cache dir."""
-  cfg = data.default_data_config()
+  cfg = default_cfg()
   started = time.perf_counter()
   builder = data.local_corpus_builder(cfg)
   seconds = time.perf_counter() - started
@@ -255,7 +262,8 @@ def test_fingerprint_changes_with_files_and_options(tmp_path, capsys):
 def test_large_file_is_chunked_at_lines(tmp_path):
   rng = np.random.default_rng(1)
   text = random_text(rng, 9000).encode("utf-8")  # ~300 KB.
-  assert len(text) > 4 * data.DEFAULT_CHUNK_BYTES
+  default_chunk_bytes = schema.DataConfig().chunk_bytes
+  assert len(text) > 4 * default_chunk_bytes
   (tmp_path / "big.txt").write_bytes(text)
   builder = data.local_corpus_builder(text_cfg(tmp_path, tmp_path / "big.txt"))
   chunks = {}
@@ -269,7 +277,7 @@ def test_large_file_is_chunked_at_lines(tmp_path):
   assert sorted(chunks) == list(range(len(chunks)))
   assert b"".join(chunks[i] for i in sorted(chunks)) == text
   for i in sorted(chunks)[:-1]:
-    assert chunks[i].endswith(b"\n") and len(chunks[i]) <= data.DEFAULT_CHUNK_BYTES
+    assert chunks[i].endswith(b"\n") and len(chunks[i]) <= default_chunk_bytes
   names = [f"big.txt#{i}" for i in sorted(chunks)]
   expected = reference_split(names, 0.03)
   source = builder.as_data_source(split="validation")
@@ -456,10 +464,12 @@ def test_eval_covers_every_heldout_token_once(tmp_path):
 
 
 def test_validate_data_config_errors(tmp_path):
-  cfg = data.default_data_config()
+  cfg = default_cfg()
   data.validate_data_config(cfg)
   cfg.source = "wikipedia"
-  with pytest.raises(ValueError, match="stdlib, text_files, tfds"):
+  # The choice check is the schema's (fields.from_mapping): it names the value and the choices.
+  with pytest.raises(ValueError,
+                     match=r"data\.source='wikipedia'; use one of \['stdlib', 'text_files', 'tfds'\]"):
     data.validate_data_config(cfg)
   cfg.source = "text_files"
   with pytest.raises(ValueError, match="data.text_files is empty"):
@@ -476,6 +486,20 @@ def test_validate_data_config_errors(tmp_path):
   cfg.tfds_name, cfg.heldout_fraction = "lm1b", 1.5
   with pytest.raises(ValueError, match="heldout_fraction"):
     data.validate_data_config(cfg)
+
+
+def test_as_data_config_accepts_typed_configdict_and_dict():
+  typed = schema.DataConfig(source="text_files", text_files="a.txt")
+  assert data.as_data_config(typed) is typed
+  assert data.as_data_config(default_cfg()) == schema.DataConfig()
+  assert data.as_data_config({}) == schema.DataConfig()  # Missing keys take the schema defaults.
+  assert data.as_data_config({"heldout_fraction": 0.5, "worker_count": 2}) == schema.DataConfig(
+      heldout_fraction=0.5, worker_count=2)
+  with pytest.raises(fields.ConfigError, match=r"data\.heldout_fraktion.*'data\.heldout_fraction'"):
+    data.as_data_config({"heldout_fraktion": 0.1})
+  for key, value in [("worker_count", -1), ("chunk_bytes", 0), ("read_threads", -1)]:
+    with pytest.raises(ValueError, match=rf"data\.{key}={value} must be >= "):
+      data.validate_data_config({key: value})
 
 
 def test_empty_and_binary_files(tmp_path, capsys):
@@ -513,8 +537,8 @@ def test_is_online_is_false_without_network():
 
 
 def test_tfds_unknown_name_offline(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "is_online", lambda *a, **k: False)
-  cfg = data.default_data_config()
+  monkeypatch.setattr(registered, "is_online", lambda *a, **k: False)
+  cfg = default_cfg()
   cfg.source, cfg.tfds_name, cfg.data_dir = "tfds", "no_such_dataset_xyz", str(tmp_path)
   started = time.perf_counter()
   with pytest.raises(ValueError, match="unknown TFDS dataset .*no_such_dataset_xyz.*list_builders"):
@@ -525,8 +549,8 @@ def test_tfds_unknown_name_offline(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny_shakespeare", "tiny_shakespeare:1.0.0"])
 def test_tfds_not_prepared_offline_fails_fast(tmp_path, monkeypatch, name):
   calls = []
-  monkeypatch.setattr(data, "is_online", lambda *a, **k: calls.append(1) or False)
-  cfg = data.default_data_config()
+  monkeypatch.setattr(registered, "is_online", lambda *a, **k: calls.append(1) or False)
+  cfg = default_cfg()
   cfg.source, cfg.tfds_name, cfg.data_dir = "tfds", name, str(tmp_path)
   started = time.perf_counter()
   with pytest.raises(ValueError, match="not prepared .* offline"):
@@ -536,17 +560,17 @@ def test_tfds_not_prepared_offline_fails_fast(tmp_path, monkeypatch, name):
 
 def test_tfds_prepared_dataset_is_read_offline(tmp_path, monkeypatch):
   """A registered dataset already prepared as array_record is read without any network check."""
-  monkeypatch.setattr(data, "is_online", lambda *a, **k: pytest.fail("network checked"))
+  monkeypatch.setattr(registered, "is_online", lambda *a, **k: pytest.fail("network checked"))
   contents = write_corpus(tmp_path / "corpus", 12, seed=11)
   local = data.local_corpus_builder(text_cfg(tmp_path, tmp_path / "corpus", heldout_fraction=0.3))
   # Read the prepared local corpus through the registered-dataset path by its directory.
-  monkeypatch.setattr(data.tfds, "builder",
+  monkeypatch.setattr(registered.tfds, "builder",
                       lambda name, **kwargs: data.TextCorpusBuilder(
                           data_dir=str(tmp_path / "tfds"), config=local.builder_config,
                           file_format="array_record"))
-  monkeypatch.setattr(data.tfds, "data_source",
+  monkeypatch.setattr(registered.tfds, "data_source",
                       lambda name, split, data_dir, download: local.as_data_source(split=split))
-  cfg = data.default_data_config()
+  cfg = default_cfg()
   cfg.source, cfg.tfds_name, cfg.data_dir = "tfds", "my_corpus", str(tmp_path / "tfds")
   stream = reference_stream(split_texts(contents, "validation", 0.3))
   batches = list(data.make_eval_batches(cfg, seq_len=8, batch_size=4))

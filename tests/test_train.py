@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from configs import paper
-from rectify_moe import data as data_lib
 from rectify_moe import train_lib
+from rectify_moe.data import registered as registered_data
 import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +182,7 @@ def test_unknown_tfds_name_offline_fails_fast(tmp_path, monkeypatch):
   config = train_helpers.tiny_config(tmp_path)
   config.data.source = "tfds"
   config.data.tfds_name = "no_such_dataset_xyz"
-  monkeypatch.setattr(data_lib, "is_online", lambda *a, **k: False)
+  monkeypatch.setattr(registered_data, "is_online", lambda *a, **k: False)
   start = time.time()
   with pytest.raises(ValueError, match="no_such_dataset_xyz"):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
