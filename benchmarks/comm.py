@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import common
-from configs.paper import VARIANTS
 from rectify_moe import moe, sharding
+from rectify_moe.config.schema import MoEConfig
+from rectify_moe.variants import PAPER_VARIANTS as VARIANTS
 
 COLUMNS = ("variant", "all_to_all_ops", "all_to_all_bytes", "extra_vs_base_bytes", "all_reduce_ops",
            "capacity", "a2a_rows_per_token")
@@ -33,8 +34,8 @@ COLUMNS = ("variant", "all_to_all_ops", "all_to_all_bytes", "extra_vs_base_bytes
 def measure(variant: str, *, mesh_shape=(2, 4), d_model=64, expert_dim=128, num_experts=8, batch=16, seq=64,
             group_size=64, capacity_factor=1.0, dtype="bfloat16") -> dict:
   """Compiles grad of one MoE block and returns its collective counts and all-to-all bytes."""
-  cfg = moe.MoEConfig(num_experts=num_experts, expert_dim=expert_dim, capacity_factor=capacity_factor,
-                      group_size=group_size, dtype=dtype, combine="normalized", **VARIANTS[variant])
+  cfg = MoEConfig(num_experts=num_experts, expert_dim=expert_dim, capacity_factor=capacity_factor,
+                  group_size=group_size, dtype=dtype, combine="normalized", **VARIANTS[variant])
   mesh = sharding.make_mesh(*mesh_shape)
   x = jnp.zeros((batch, seq, d_model), jnp.float32)
   with jax.set_mesh(mesh):
@@ -42,7 +43,7 @@ def measure(variant: str, *, mesh_shape=(2, 4), d_model=64, expert_dim=128, num_
 
     def loss(block, x):
       y, metrics = block(x)
-      return jnp.sum(y.astype(jnp.float32) ** 2) + metrics["aux_loss"]
+      return jnp.sum(y.astype(jnp.float32) ** 2) + metrics["losses"]["aux_loss"]
 
     hlo = jax.jit(nnx.grad(loss)).lower(block, x).compile().as_text()
   found = common.collectives(hlo)

@@ -30,7 +30,9 @@ if __name__ == "__main__":
 import jax.numpy as jnp
 
 from benchmarks import common
-from rectify_moe import moe
+from rectify_moe import intra_device, metrics, moe, variants
+from rectify_moe.config.schema import MoEConfig
+from rectify_moe.routers.base import RouteContext
 
 SHAPES = {
     # tokens T, width D, hidden F, experts E, k, capacity factor, group sizes (all: router_skew 0.2)
@@ -50,8 +52,7 @@ SHAPES = {
 # almost every rectified token reuses a routed output and needs no IR row; the ir_reuse_rate and
 # ir_overflow_rate columns show it (0 overflow on every shape here).
 IR_CAPACITY_FACTOR = 1 / 32
-RECTIFY = {"vanilla": dict(fill_in=False, ir_mode=None), "ir": dict(fill_in=False, ir_mode="any"),
-           "fr": dict(fill_in=True, ir_mode=None), "ir_fr": dict(fill_in=True, ir_mode="ignore_kth")}
+RECTIFY = variants.PRESETS  # vanilla, ir, fr, ir_fr of the shape's k (rectify_moe/variants.py)
 COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
            "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "capacity_bmm_ms", "router_ms",
            "minus_capacity_bmm_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_reuse_rate",
@@ -88,24 +89,26 @@ def _project(out, cotangent):
 
 
 def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
-  cfg = moe.MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+  cfg = MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
                       capacity_factor=shape["capacity_factor"], group_size=group_size, activation="gelu",
                       dispatch=dispatch, dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
-                      combine="normalized", ir_capacity_factor=ir_capacity_factor, **RECTIFY[variant])
+                      combine="normalized", ir_capacity_factor=ir_capacity_factor,
+                      **variants.rectification(shape["top_k"], variant))
   x, router, weights = _inputs(shape, dtype)
   mask = jnp.ones(x.shape[:2], bool)
 
   cot = _cotangent(x.shape, dtype)
 
   def loss(x, router, weights, cot):
-    y, sums = moe.moe_shard_body(x, mask, router, weights, cfg=cfg, train=True, expert_axis_size=1,
-                                 expert_axis=None)
-    return _project(y, cot) + sums["aux_loss"], sums
+    y, local = moe.moe_shard_body(x, mask, moe.router_from_arrays(cfg, {"kernel": router}, d_model=x.shape[-1]),
+                                  weights, cfg=cfg, train=True, expert_axis_size=1, expert_axis=None)
+    block = moe.reduce_metrics(local)
+    return _project(y, cot) + block["losses"]["aux_loss"], block["counts"]
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   timing = common.time_fn(lambda: step(x, router, weights, cot), warmup=warmup, repeats=repeats, inner=inner)
-  (_, sums), _ = step(x, router, weights, cot)
-  stats = moe.finalize_metrics(sums, {k: sums[k] for k in moe.LOSS_KEYS})
+  (_, counts), _ = step(x, router, weights, cot)
+  stats = metrics.rates(jax.device_get(counts))
   return cfg, timing, {k: float(stats[k]) for k in ("drop_rate", "padding_rate", "fill_in_rate", "ir_rate",
                                                      "ir_reuse_rate", "ir_overflow_rate")}
 
@@ -133,28 +136,31 @@ def ideal_time(shape, **timing_args):
 def capacity_bmm_time(shape, group_size, **timing_args):
   """The experts alone on full capacity buffers [E, G, C, D]: what a capacity-based block computes beyond routing."""
   e, groups = shape["num_experts"], shape["tokens"] // group_size
-  capacity = moe.MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+  capacity = MoEConfig(num_experts=e, expert_dim=shape["expert_dim"], top_k=shape["top_k"],
                            capacity_factor=shape["capacity_factor"], group_size=group_size).capacity(True)
   return _experts_time(shape, (e, groups, capacity, shape["d_model"]), 2, **timing_args)
 
 
 def router_time(shape, variant, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
   """Routing alone (logits, softmax, top-k, slots, IR choice, losses), forward+backward into the router."""
-  cfg = moe.MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
-                      capacity_factor=shape["capacity_factor"], group_size=group_size, **RECTIFY[variant])
+  cfg = MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
+                  capacity_factor=shape["capacity_factor"], group_size=group_size,
+                  **variants.rectification(shape["top_k"], variant))
   x, router, _ = _inputs(shape, dtype)
   xg = x.reshape(-1, group_size, shape["d_model"])
   mask = jnp.ones(xg.shape[:2], bool)
 
+  ctx = RouteContext(token_mask=mask, token_ids=jnp.zeros(mask.shape, jnp.int32), step=jnp.zeros((), jnp.int32),
+                     train=True, capacity=cfg.capacity(True))
+
   def loss(xg, router):
-    probs, table, losses = moe.route_shard(xg, mask, {"kernel": router}, cfg=cfg, train=True,
-                                           capacity=cfg.capacity(True), token_ids=None, step=None,
-                                           reduce_axes=None)
-    out = jnp.sum(table.combine_weight) + losses["aux_loss"]
+    routed = moe.router_from_arrays(cfg, {"kernel": router}, d_model=xg.shape[-1]).route(xg, ctx)
+    probs, table = routed.probs, routed.table
+    out = jnp.sum(table.combine_weight) + routed.losses["aux_loss"]
     if cfg.ir_mode is not None:
-      ir = moe.routing.intra_device_choice(probs, table, first_expert=0, num_local=shape["num_experts"],
-                                           mode=cfg.ir_mode, ir_capacity=moe.routing.ir_capacity_from_factor(
-                                               group_size, shape["num_experts"], ir_capacity_factor))
+      ir = intra_device.intra_device_choice(probs, table, first_expert=0, num_local=shape["num_experts"],
+                                            mode=cfg.ir_mode, ir_capacity=intra_device.ir_capacity_from_factor(
+                                                group_size, shape["num_experts"], ir_capacity_factor))
       out = out + jnp.sum(ir.p * ir.placed)
     return out
 

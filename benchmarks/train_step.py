@@ -1,6 +1,6 @@
 """Tokens/s and model FLOP/s utilisation of full training steps, vanilla vs rectified routers.
 
-Runs the real jitted train step (train_lib.jit_steps) on synthetic token batches for each router variant
+Runs the real jitted train step (train_lib.jit_train_step) on synthetic token batches for each router variant
 of a config, after warm-up, device-synchronised. FLOPs per token = 6 * active parameters (the experts
 counted k times, i.e. as the router's k choices) + attention (12 * layers * seq * d_model); MFU divides the
 achieved FLOP/s by the device's dense bf16 peak when known (GPU), else it is left empty.
@@ -24,8 +24,10 @@ if __name__ == "__main__":
 import numpy as np
 
 from benchmarks import common
-from configs.paper import VARIANTS
 from rectify_moe import sharding, train_lib
+from rectify_moe.config import schema
+from rectify_moe.evaluation.evaluator import global_batch
+from rectify_moe.variants import PAPER_VARIANTS as VARIANTS
 
 COLUMNS = ("config", "variant", "median_ms", "tokens_per_s", "model_tflops", "mfu", "active_params_m")
 
@@ -47,14 +49,15 @@ def run(config_name="default", variants=("top1", "top1_ir_fr", "top2", "top2_ir_
       config[section].update(values)
     mesh = sharding.make_mesh(*train_lib.validate_config(config))
     graphdef, state, shardings = train_lib.create_train_state(config, mesh)
-    _, schedule = train_lib.make_optimizer(config.train, train_lib.model_configs(config)[1])
-    train_fn, _ = train_lib.jit_steps(config, graphdef, shardings, mesh, schedule)
+    cfg = schema.parse(config)
+    _, schedule = train_lib.make_optimizer(cfg.train, cfg.moe)
+    train_fn = train_lib.jit_train_step(cfg, graphdef, shardings, mesh, schedule)
     rng = np.random.default_rng(0)
     b, t = config.train.batch_size, config.train.seq_len
     local = {"inputs": rng.integers(3, 259, (b, t)).astype(np.int32),
              "targets": rng.integers(3, 259, (b, t)).astype(np.int32), "token_mask": np.ones((b, t), bool)}
     with jax.set_mesh(mesh):
-      batch = train_lib.global_batch(local, mesh)
+      batch = global_batch(local, mesh)
       holder = {"state": state}
 
       def step():

@@ -86,9 +86,9 @@ class Checkpointer:
     self.directory = self.workdir.checkpoints
     handlers = {MODEL: ocp.StandardCheckpointHandler(), OPTIMIZER: ocp.StandardCheckpointHandler(),
                 DATA: ocp.JsonCheckpointHandler()}
-    options = (ocp.CheckpointManagerOptions(read_only=True) if read_only
-               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    with quiet_orbax():
+    with quiet_orbax():  # the options of a read-only manager log warnings when they are made
+      options = (ocp.CheckpointManagerOptions(read_only=True) if read_only
+                 else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
       self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -138,8 +138,8 @@ class Checkpointer:
       raise CheckpointError(f"Checkpoint {where} is corrupt or incomplete (cannot read its metadata: "
                             f"{type(e).__name__}: {log.one_line(e)}). Pick another step with --step.") from None
     if not saved:
-      raise CheckpointError(f"Checkpoint {where} is corrupt, incomplete or from an older rectify-moe: no item "
-                            f"{MODEL!r} in it. Pick another step with --step.")
+      raise CheckpointError(f"Checkpoint {where} is corrupt or incomplete: no item {MODEL!r} in it (or an older "
+                            "rectify-moe wrote it). Pick another step with --step.")
     return {k: tuple(getattr(v, "shape", ())) for k, v in flatten(dict(saved)).items()}
 
   def restore_model(self, step: int, target: Any) -> Any:

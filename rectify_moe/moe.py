@@ -49,6 +49,16 @@ def build_router(cfg: MoEConfig, *, d_model: int, vocab_size: int, rngs: nnx.Rng
   return routers.get(cfg.router)(cfg, d_model=d_model, vocab_size=vocab_size, rngs=rngs, **prepared)
 
 
+def router_from_arrays(cfg: MoEConfig, arrays: dict[str, Any], *, d_model: int, vocab_size: int = 259) -> Router:
+  """The router of cfg holding `arrays` (its pure state dict, e.g. {"kernel": [D, E]}; traced values welcome): to
+  call `route` or `moe_shard_body` outside an MoEBlock (tests, benchmarks)."""
+  with nnx.use_eager_sharding(False):
+    graphdef, state = nnx.split(build_router(cfg, d_model=d_model, vocab_size=vocab_size, rngs=nnx.Rngs(0),
+                                             **prepare_router(cfg, vocab_size=vocab_size)))
+  nnx.replace_by_pure_dict(state, arrays)
+  return nnx.merge(graphdef, state)
+
+
 def prepare_router(cfg: MoEConfig, *, vocab_size: int,
                    token_counts: Optional[Callable[[], np.ndarray]] = None) -> dict[str, Any]:
   """Data-dependent initialisation of the router (token_counts: int64[V] training-data frequencies, lazily; None

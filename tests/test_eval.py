@@ -20,11 +20,11 @@ from flax import nnx
 
 from configs import paper
 from rectify_moe import data as data_lib
-from rectify_moe import eval_lib
-from rectify_moe import moe as moe_lib
+from rectify_moe import evaluation as eval_lib
 from rectify_moe import routing
 from rectify_moe import sharding
 from rectify_moe import train_lib
+from rectify_moe.config.schema import MoEConfig
 import train_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def _router_probs(graphdef, state, tokens):
       break
     x = x + block.ffn(block.ffn_norm(x))
   h = block.ffn_norm(x)
-  return jax.nn.softmax(jnp.einsum("btd,de->bte", h.astype(jnp.float32), block.ffn.router_kernel[...]), axis=-1)
+  return jax.nn.softmax(jnp.einsum("btd,de->bte", h.astype(jnp.float32), block.ffn.router.kernel[...]), axis=-1)
 
 
 def _route_by_hand(workdir, config, routers):
@@ -156,7 +156,7 @@ def test_routing_statistics_equal_route_top_k_on_the_same_batches(run, sweep):
   workdir, config, _ = run
   _, rows, _, _ = sweep
   names = ("checkpoint", "vanilla_cf025", "fr")
-  base = moe_lib.MoEConfig.from_dict(config.moe)
+  base = MoEConfig.from_dict(config.moe)
   routers = [dataclasses.replace(base, **rows[name]["moe"]) for name in names]
   for name, total in zip(names, _route_by_hand(workdir, config, routers)):
     layer = _layer(rows[name])
@@ -197,7 +197,7 @@ def test_low_capacity_raises_drops_and_ir_rectifies_every_unrouted_token(sweep):
   # IR does not change the main routing table, but rectifies every unrouted token (exact IR buffer).
   assert ir_low["drop_rate"] == low["drop_rate"] and ir_low["unrouted_rate"] == low["unrouted_rate"]
   assert ir_low["ir_rate"] > 0
-  assert ir_low["ir_tokens"] == ir_low["unrouted_tokens"] and ir_low["ir_overflow_tokens"] == 0
+  assert ir_low["ir_rectified"] == ir_low["unrouted_tokens"] and ir_low["ir_overflow"] == 0
   assert rows["ir_cf025"]["loss"] != rows["vanilla_cf025"]["loss"]
   assert np.isfinite(rows["ir_cf025"]["loss"])
   # FR keeps the top-1 assignment and fills padding with second choices.
@@ -222,15 +222,15 @@ def test_restore_onto_another_mesh_gives_the_same_loss(run, sweep, mesh):
   if swaps:  # IR depends on which experts are local: only invariants, not equality with mesh (2, 4)
     ir = results["routers"][1]
     assert np.isfinite(ir["loss"])
-    assert _layer(ir)["ir_tokens"] == _layer(ir)["unrouted_tokens"] > 0
+    assert _layer(ir)["ir_rectified"] == _layer(ir)["unrouted_tokens"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Swap parsing (no compilation).
 # ---------------------------------------------------------------------------------------------------------
 def test_presets_follow_the_checkpoints_k():
-  top1 = moe_lib.MoEConfig(top_k=1, straight_through=True, capacity_factor=1.0)
-  top2 = moe_lib.MoEConfig(top_k=2, capacity_factor=1.0)
+  top1 = MoEConfig(top_k=1, straight_through=True, capacity_factor=1.0)
+  top2 = MoEConfig(top_k=2, capacity_factor=1.0)
   assert eval_lib.parse_swap("ir", top1) == dict(fill_in=False, ir_mode="all", straight_through=True)
   assert eval_lib.parse_swap("ir", top2) == dict(fill_in=False, ir_mode="any", straight_through=False)
   assert eval_lib.parse_swap("fr", top1) == dict(fill_in=True, ir_mode=None, straight_through=False)
@@ -245,7 +245,7 @@ def test_presets_follow_the_checkpoints_k():
 
 
 def test_router_specs_sweep_every_router_over_the_capacity_factors():
-  base = moe_lib.MoEConfig(top_k=1, straight_through=True, eval_capacity_factor=1.0)
+  base = MoEConfig(top_k=1, straight_through=True, eval_capacity_factor=1.0)
   specs = eval_lib.router_specs(base, ["presets"], [0.5, 2.0])
   assert len(specs) == 5 * 3
   assert specs[0].label == "checkpoint (Top-1)" and specs[0].overrides == {}
@@ -271,7 +271,7 @@ def test_router_specs_sweep_every_router_over_the_capacity_factors():
     ("top_k=9", "moe.top_k=9"),
 ])
 def test_bad_swaps_are_rejected_with_a_clear_message(spec, message):
-  base = moe_lib.MoEConfig(top_k=1, straight_through=True)
+  base = MoEConfig(top_k=1, straight_through=True)
   with pytest.raises(eval_lib.EvalError, match=message.replace("(", r"\(")):
     eval_lib.router_specs(base, [spec])
 
@@ -333,13 +333,13 @@ def test_corrupt_checkpoint(run, tmp_path, capsys, damage):
   shutil.copytree(run[0], copy)
   step_dir = os.path.join(copy, "checkpoints", str(STEPS))
   if damage == "truncate_data":
-    files = glob.glob(os.path.join(step_dir, "state", "d", "*"))
+    files = glob.glob(os.path.join(step_dir, "model", "d", "*"))
     assert files
     for path in files:
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
   else:
-    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    os.remove(os.path.join(step_dir, "model", "_METADATA"))
   _expect_error(capsys, None, copy, f"checkpoints/{STEPS} is corrupt or incomplete")
 
 

@@ -4,7 +4,7 @@ Semantics are from /work/shared/specs/other_methods.md (A: StableMoE, B: Gating 
 layers). The numpy references (float64, loops over tokens) are in ``methods_reference.py``.
 
 * StableMoE: the balance and distillation losses and their gradients; stage-1 / stage-2 / eval routing of
-  `route_shard` and of the sharded block; the optimizer freeze (`freeze_after`) on a toy chain and in a
+  the StableMoE router and of the sharded block; the optimizer freeze (`freeze_after`) on a toy chain and in a
   real training run (checkpoints every step, switch at step 3).
 * Gating Dropout: the drop rate of `gating_dropout_decision` under the trainer's keys; the dropped step's
   output against a per-device local-only reference; Gate-Expert-Drop's zero output; no all-to-all in the
@@ -33,7 +33,13 @@ from configs import gate_expert_drop as gate_expert_drop_config
 from configs import gating_dropout as gating_dropout_config
 from configs import hash as hash_config
 from configs import stablemoe as stablemoe_config
-from rectify_moe import hash_routing, moe, sharding, stablemoe, train_lib
+from rectify_moe import checkpoints, moe, sharding, train_lib
+from rectify_moe import metrics as metrics_lib
+from rectify_moe.config import schema
+from rectify_moe.config.schema import MoEConfig
+from rectify_moe.routers import hash_layers as hash_routing
+from rectify_moe.routers import stablemoe
+from rectify_moe.routers.base import RouteContext
 
 TOL = dict(rtol=2e-5, atol=2e-5)        # float32 code vs float64 reference
 MESH = (2, 4)
@@ -71,17 +77,41 @@ def _mesh(shape=MESH):
   return _MESHES[shape]
 
 
+ROUTER_PARAMS = {"router_kernel": "kernel", "distill_embed": "distill_embed", "distill_centroids": "distill_centroids"}
+
+
+def _block_params(params):
+  """The block's pure dict from flat test parameters (router parameters under "router")."""
+  out = {k: v for k, v in params.items() if k not in ROUTER_PARAMS}
+  router = {ROUTER_PARAMS[k]: v for k, v in params.items() if k in ROUTER_PARAMS}
+  if router:
+    out["router"] = router
+  return out
+
+
 def _blocks(cfgs, params, hash_table=None):
   """(graphdefs, states) of MoEBlocks with the given parameters (a pure dict, shared by all cfgs)."""
   graphdefs, states = [], []
+  prepared = None if hash_table is None else {"table": hash_table}
   with jax.set_mesh(_mesh()):
     for cfg in cfgs:
-      graphdef, state = nnx.split(moe.MoEBlock(cfg, d_model=D, rngs=nnx.Rngs(0), vocab_size=V,
-                                               hash_table=hash_table))
-      nnx.replace_by_pure_dict(state, {k: np.asarray(v) for k, v in params.items()})
+      graphdef, state = nnx.split(moe.MoEBlock(cfg, d_model=D, rngs=nnx.Rngs(0), vocab_size=V, prepared=prepared))
+      nnx.replace_by_pure_dict(state, _block_params({k: np.asarray(v) for k, v in params.items()}))
       graphdefs.append(graphdef)
       states.append(state)
   return graphdefs, states
+
+
+def _summary(out):
+  """(y, flat metrics) of a block call: losses, counts and rates in one dict."""
+  y, block_metrics = out
+  return y, metrics_lib.block_summary(block_metrics)
+
+
+def _router(cfg, router_params):
+  """The router of cfg holding `router_params` (flat test names or its own; traced values welcome)."""
+  return moe.router_from_arrays(cfg, _block_params(router_params).get("router", router_params), d_model=D,
+                                vocab_size=V)
 
 
 def _np(tree):
@@ -169,7 +199,7 @@ def test_stablemoe_distill_loss_matches_log_softmax_loop():
 
 
 # =================================================================================================
-# StableMoE: route_shard (stage 1, stage 2, eval) and loss gradients.
+# StableMoE: the router (stage 1, stage 2, eval) and loss gradients.
 # =================================================================================================
 SMOE_SWITCH = 5
 
@@ -177,7 +207,7 @@ SMOE_SWITCH = 5
 def _smoe_cfg(**kw):
   base = dict(router="stablemoe", num_experts=E, expert_dim=F, group_size=S, top_k=1, capacity_factor=8.0,
               eval_capacity_factor=8.0, stablemoe_switch_step=SMOE_SWITCH, stablemoe_routing_dim=6)
-  return moe.MoEConfig(**{**base, **kw})
+  return MoEConfig(**{**base, **kw})
 
 
 def _smoe_router_params(seed):
@@ -188,14 +218,14 @@ def _smoe_router_params(seed):
 
 
 def _route(cfg, params, xg, mask, ids, *, train, step):
-  rp = {"kernel": params["router_kernel"], "distill_embed": params["distill_embed"],
-        "distill_centroids": params["distill_centroids"]}
-  return moe.route_shard(jnp.asarray(xg), jnp.asarray(mask), {k: jnp.asarray(v) for k, v in rp.items()}, cfg=cfg,
-                         train=train, capacity=cfg.capacity(train), token_ids=jnp.asarray(ids),
-                         step=jnp.asarray(step, jnp.int32), reduce_axes=None)
+  """(probs, table, losses) of the StableMoE router on one shard (its per-device losses are global here)."""
+  ctx = RouteContext(token_mask=jnp.asarray(mask), token_ids=jnp.asarray(ids), step=jnp.asarray(step, jnp.int32),
+                     train=train, capacity=cfg.capacity(train))
+  out = _router(cfg, params).route(jnp.asarray(xg), ctx)
+  return out.probs, out.table, out.losses
 
 
-def test_stablemoe_route_shard_stage1_stage2_and_eval_routing_and_gate():
+def test_stablemoe_router_stage1_stage2_and_eval_routing_and_gate():
   cfg = _smoe_cfg()
   params = _smoe_router_params(10)
   r = _rng(11)
@@ -271,8 +301,8 @@ def test_stablemoe_block_on_mesh_matches_reference_in_both_stages_and_eval():
   @jax.jit
   def run(state, x, mask, ids, step):
     block = nnx.merge(graphdef, state)
-    return (block(x, mask, train=True, token_ids=ids, step=step),
-            block(x, mask, train=False, token_ids=ids, step=jnp.zeros((), jnp.int32)))
+    return (_summary(block(x, mask, train=True, token_ids=ids, step=step)),
+            _summary(block(x, mask, train=False, token_ids=ids, step=jnp.zeros((), jnp.int32))))
 
   with jax.set_mesh(_mesh()):
     out = {step: _np(run(state, x, mask, ids, jnp.asarray(step, jnp.int32)))
@@ -380,8 +410,8 @@ GD_CFGS = {
 
 def _gd_cfgs():
   names = list(GD_CFGS)
-  with_gd = [moe.MoEConfig(**_GD_BASE, gating_dropout=GD_P, **GD_CFGS[n]) for n in names]
-  without = [moe.MoEConfig(**_GD_BASE, **GD_CFGS[n]) for n in names]
+  with_gd = [MoEConfig(**_GD_BASE, gating_dropout=GD_P, **GD_CFGS[n]) for n in names]
+  without = [MoEConfig(**_GD_BASE, **GD_CFGS[n]) for n in names]
   return names, with_gd + without
 
 
@@ -415,7 +445,7 @@ def _gd_run(rng, train):
 
     @jax.jit
     def run(states, x, mask, rng):
-      return [nnx.merge(g, s)(x, mask, train=train, rng=rng) for g, s in zip(graphdefs, states)]
+      return [_summary(nnx.merge(g, s)(x, mask, train=train, rng=rng)) for g, s in zip(graphdefs, states)]
 
     _GD_CACHE[key] = (names, states, run)
   names, states, run = _GD_CACHE[key]
@@ -482,7 +512,7 @@ def test_compiled_dropped_branch_has_no_all_to_all(mode):
   all-to-all ops are instructions whose opcode is "all-to-all(" (or "all-to-all-start("). lax.cond turns
   the bool into an index, so branch 0 is the routed (false) branch and branch 1 the dropped (true) one.
   """
-  cfg = moe.MoEConfig(**_GD_BASE, gating_dropout=GD_P, gating_dropout_mode=mode)
+  cfg = MoEConfig(**_GD_BASE, gating_dropout=GD_P, gating_dropout_mode=mode)
   (graphdef,), (state,) = _blocks([cfg], _gd_params(40))
   x, mask, _ = _inputs(41)
 
@@ -557,7 +587,7 @@ def test_frequency_balanced_hash_table_on_zipf_counts():
 
 
 def test_hash_routing_is_a_function_of_the_token_id_only():
-  cfg = moe.MoEConfig(router="hash", num_experts=E, expert_dim=F, group_size=S, top_k=1, capacity_factor=8.0,
+  cfg = MoEConfig(router="hash", num_experts=E, expert_dim=F, group_size=S, top_k=1, capacity_factor=8.0,
                       eval_capacity_factor=8.0)
   table = hash_routing.random_balanced_table(V, E, seed=3)
   params = _expert_params(60)
@@ -583,15 +613,15 @@ def test_hash_routing_is_a_function_of_the_token_id_only():
   for v in np.unique(ids[mask]):
     rows = y_ctx[mask & (ids == v)]
     np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), rtol=1e-6, atol=1e-6)
-  # The routing table of route_shard is table[token_id], weight 1.
+  # The routing table of the router is table[token_id], weight 1; it has no loss.
   xg = x_rand.reshape(-1, S, D)
-  _, rtable, losses = moe.route_shard(jnp.asarray(xg), jnp.asarray(mask.reshape(-1, S)),
-                                      {"table": jnp.asarray(table)}, cfg=cfg, train=True,
-                                      capacity=cfg.capacity(True), token_ids=jnp.asarray(ids.reshape(-1, S)),
-                                      step=None)
-  np.testing.assert_array_equal(np.asarray(rtable.expert_index)[..., 0], table[ids.reshape(-1, S)])
-  np.testing.assert_array_equal(np.asarray(rtable.combine_weight)[..., 0], mask.reshape(-1, S).astype(np.float32))
-  assert all(float(v) == 0.0 for v in losses.values())
+  ctx = RouteContext(token_mask=jnp.asarray(mask.reshape(-1, S)), token_ids=jnp.asarray(ids.reshape(-1, S)),
+                     step=jnp.zeros((), jnp.int32), train=True, capacity=cfg.capacity(True))
+  out = _router(cfg, {"table": table}).route(jnp.asarray(xg), ctx)
+  np.testing.assert_array_equal(np.asarray(out.table.expert_index)[..., 0], table[ids.reshape(-1, S)])
+  np.testing.assert_array_equal(np.asarray(out.table.combine_weight)[..., 0],
+                                mask.reshape(-1, S).astype(np.float32))
+  assert out.losses == {} and out.token_loss_sums == {}
 
 
 # =================================================================================================
@@ -635,7 +665,7 @@ def _model_params(config, workdir, steps):
   flat = lambda s: {jax.tree_util.keystr(p): np.asarray(v)
                     for p, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(s)[0])}
   out = {}
-  ckpt = train_lib.Checkpointer(workdir, keep=100)
+  ckpt = checkpoints.Checkpointer(workdir, keep=100)
   try:
     for step in steps:
       out[step] = flat(state) if step == 0 else flat(ckpt.restore(step, state, shardings)[0])
@@ -670,7 +700,7 @@ def test_stablemoe_training_freezes_the_distilled_router_after_the_switch(stable
   params = _model_params(config, workdir, steps)
   embed = {s: _find(params[s], "distill_embed") for s in steps}
   cent = {s: _find(params[s], "distill_centroids") for s in steps}
-  kernel = {s: _find(params[s], "router_kernel") for s in steps}
+  kernel = {s: _find(params[s], "['router']['kernel']") for s in steps}
   assign = {s: np.argmax(embed[s].astype(np.float64) @ cent[s].T.astype(np.float64), axis=-1) for s in steps}
   # Before the switch the distilled router trains (update 0 has learning rate 0 in the warmup).
   for s in range(1, STABLEMOE_SWITCH):
@@ -709,7 +739,8 @@ def test_method_training_run_lowers_the_loss(tmp_path, method):
   assert lines[-1]["ce"] < lines[0]["ce"] - 0.5, (lines[0]["ce"], lines[-1]["ce"])
   if method in ("gating_dropout", "gate_expert_drop"):
     # The logged decision of step k (update k - 1) is the trainer key folded with the MoE layer index.
-    model_cfg, moe_cfg = train_lib.model_configs(config)
+    run_cfg = schema.parse(config)
+    model_cfg, moe_cfg = run_cfg.model, run_cfg.moe
     (layer,) = [i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i)]
     want = [float(moe.gating_dropout_decision(jax.random.fold_in(train_lib.step_rng(config.seed, k - 1), layer),
                                               moe_cfg.gating_dropout)) for k in range(1, steps + 1)]
@@ -725,4 +756,4 @@ def test_method_training_run_lowers_the_loss(tmp_path, method):
       want = hash_routing.frequency_balanced_table(counts, config.moe.num_experts)
       assert (want != hash_routing.random_balanced_table(vocab, config.moe.num_experts, seed=0)).any()
     params = _model_params(config, workdir, [steps])[steps]
-    np.testing.assert_array_equal(_find(params, "hash_table"), want)
+    np.testing.assert_array_equal(_find(params, "['router']['table']"), want)

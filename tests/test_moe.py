@@ -23,7 +23,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import moe_reference as mref
+from rectify_moe import metrics as metrics_lib
 from rectify_moe import moe, routing, sharding
+from rectify_moe.config.schema import MoEConfig
 
 D, F, B, T, S = 12, 32, 8, 16, 8     # width, expert width, batch, seq, group size
 E = 8
@@ -48,8 +50,19 @@ WITH_IR = tuple(n for n, v in VARIANTS.items() if "ir_mode" in v)
 BASE = dict(num_experts=E, expert_dim=F, group_size=S, capacity_factor=0.5)
 
 
+def to_block_params(params):
+    """The block's pure dict (router parameters under "router") from flat reference parameters."""
+    return {("router" if k == "router_kernel" else k): ({"kernel": v} if k == "router_kernel" else v)
+            for k, v in params.items()}
+
+
+def from_block_params(pure):
+    """Flat reference names ("router_kernel", "w_up", ...) from the block's pure dict."""
+    return {("router_kernel" if k == "router" else k): (v["kernel"] if k == "router" else v) for k, v in pure.items()}
+
+
 def make_cfg(name, **overrides):
-    return moe.MoEConfig(**{**BASE, **VARIANTS[name], **overrides})
+    return MoEConfig(**{**BASE, **VARIANTS[name], **overrides})
 
 
 def make_params(cfg, d_model=D, seed=0):
@@ -114,7 +127,7 @@ def _block_fn(cfgs, mesh_shape, d_model=D):
 
         def loss_fn(state, x, mask, cot, graphdef):
             y, metrics = nnx.merge(graphdef, state)(x, mask)
-            loss = jnp.sum(y * cot) + AUX_W * metrics["aux_loss"] + Z_W * metrics["z_loss"]
+            loss = jnp.sum(y * cot) + AUX_W * metrics["losses"]["aux_loss"] + Z_W * metrics["losses"]["z_loss"]
             return loss, (y, metrics)
 
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -129,7 +142,7 @@ def _block_fn(cfgs, mesh_shape, d_model=D):
 
 def _state(template, params):
     state = jax.tree.map(lambda a: a, template)
-    nnx.replace_by_pure_dict(state, {k: np.asarray(v) for k, v in params.items()})
+    nnx.replace_by_pure_dict(state, to_block_params({k: np.asarray(v) for k, v in params.items()}))
     return state
 
 
@@ -139,8 +152,10 @@ def run_blocks(cfgs, mesh_shape, params, x=X, mask=FULL_MASK, cot=COT):
     states = [_state(t, params) for t in templates]
     with jax.set_mesh(mesh):
         outs = jax.device_get(fn(states, x, mask, cot))
-    return [dict(loss=float(loss), y=np.asarray(y), metrics={k: np.asarray(v) for k, v in metrics.items()},
-                 grads={k: np.asarray(v) for k, v in nnx.to_pure_dict(g_state).items()}, gx=np.asarray(g_x))
+    return [dict(loss=float(loss), y=np.asarray(y),
+                 metrics={k: np.asarray(v) for k, v in metrics_lib.block_summary(metrics).items()},
+                 grads={k: np.asarray(v) for k, v in from_block_params(nnx.to_pure_dict(g_state)).items()},
+                 gx=np.asarray(g_x))
             for (loss, (y, metrics)), (g_state, g_x) in outs]
 
 
@@ -301,7 +316,7 @@ def test_gelu_bpr_ir_overflow_four_experts_match_reference():
 
 
 def test_single_expert_equals_dense_swiglu():
-    cfg = moe.MoEConfig(num_experts=1, expert_dim=F, top_k=1, straight_through=True, capacity_factor=1.0,
+    cfg = MoEConfig(num_experts=1, expert_dim=F, top_k=1, straight_through=True, capacity_factor=1.0,
                         group_size=S)
     params = make_params(cfg)
     got = run_block(cfg, (8, 1), params)
@@ -344,8 +359,8 @@ def _row_copies(dispatch):
     weights = {k: p[k] for k in ("w_gate", "w_up", "w_down")}
 
     def loss(x, kernel, weights):
-        y, _ = moe.moe_shard_body(x, jnp.ones(x.shape[:2], bool), kernel, weights, cfg=cfg, train=True,
-                                  expert_axis_size=1, expert_axis=None)
+        y, _ = moe.moe_shard_body(x, jnp.ones(x.shape[:2], bool), moe.router_from_arrays(cfg, {"kernel": kernel}, d_model=D), weights, cfg=cfg,
+                                  train=True, expert_axis_size=1, expert_axis=None)
         return jnp.sum(y * COT)
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(X, p["router_kernel"], weights).compile().as_text()
@@ -613,10 +628,10 @@ def test_block_without_mesh_gives_clear_error():
 
 
 def test_from_dict():
-    cfg = moe.MoEConfig.from_dict({"num_experts": 4, "top_k": 2, "ir_mode": "any"})
+    cfg = MoEConfig.from_dict({"num_experts": 4, "top_k": 2, "ir_mode": "any"})
     assert (cfg.num_experts, cfg.top_k, cfg.ir_mode, cfg.num_choices) == (4, 2, "any", 2)
-    with pytest.raises(ValueError, match=r"Unknown MoE config field\(s\) \['num_expert'\]"):
-        moe.MoEConfig.from_dict({"num_expert": 4})
+    with pytest.raises(ValueError, match=r"Unknown config field moe\.num_expert\. Did you mean 'moe\.num_experts'"):
+        MoEConfig.from_dict({"num_expert": 4})
 
 
 @pytest.mark.parametrize("field, value, pattern", [
@@ -633,7 +648,7 @@ def test_from_dict():
     ("num_experts", 0, r"moe\.num_experts=0"),
 ])
 def test_bad_values_rejected(field, value, pattern):
-    cfg = moe.MoEConfig(**{**BASE, field: value})
+    cfg = MoEConfig(**{**BASE, field: value})
     with pytest.raises(ValueError, match=pattern):
         cfg.validate()
     with jax.set_mesh(get_mesh((1, 1))), pytest.raises(ValueError, match=pattern):
@@ -648,4 +663,4 @@ def test_inconsistent_combinations_rejected():
     with pytest.raises(ValueError, match="ignore_kth"):
         make_cfg("top1", ir_mode="ignore_kth").validate()
     with pytest.raises(ValueError, match="fill_in"):
-        moe.MoEConfig(**{**BASE, "num_experts": 2, "top_k": 2, "fill_in": True}).validate()
+        MoEConfig(**{**BASE, "num_experts": 2, "top_k": 2, "fill_in": True}).validate()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import routing_reference as ref
-from rectify_moe import routing
+from rectify_moe import intra_device, routing
 
 STAT_NAMES = ("drop_rate", "unrouted_rate", "padding_rate", "fill_in_slots", "num_tokens",
               "expert_demand", "expert_load")
@@ -68,7 +68,7 @@ def ir_choice(impl, probs, table_kwargs, **kw):
             probs, expert_index=t["expert_index"], gate=t["gate"], slot=t["slot"],
             token_mask=t["token_mask"], top_k=t["top_k"], num_choices=t["num_choices"], **kw)
     table, _ = module_route(probs, **table_kwargs)
-    ir = routing.intra_device_choice(jnp.asarray(probs), table, **kw)
+    ir = intra_device.intra_device_choice(jnp.asarray(probs), table, **kw)
     return _ir_to_dict(ir)
 
 
@@ -117,13 +117,13 @@ def test_expert_capacity_random_matches_closed_form():
 
 
 def test_ir_capacity_from_factor():
-    assert routing.ir_capacity_from_factor(16, 2, None) is None
+    assert intra_device.ir_capacity_from_factor(16, 2, None) is None
     for S, L, f in [(16, 2, 1.0), (16, 2, 0.25), (16, 4, 0.01), (5, 1, 0.5), (7, 2, 3.0),
                     (13, 4, 0.3), (1, 1, 1.0)]:
-        assert routing.ir_capacity_from_factor(S, L, f) == ref.ir_capacity_from_factor(S, L, f)
-    assert routing.ir_capacity_from_factor(16, 2, 0.25) == 2
-    assert routing.ir_capacity_from_factor(16, 4, 0.01) == 1     # at least 1
-    assert routing.ir_capacity_from_factor(7, 2, 3.0) == 7       # at most S
+        assert intra_device.ir_capacity_from_factor(S, L, f) == ref.ir_capacity_from_factor(S, L, f)
+    assert intra_device.ir_capacity_from_factor(16, 2, 0.25) == 2
+    assert intra_device.ir_capacity_from_factor(16, 4, 0.01) == 1     # at least 1
+    assert intra_device.ir_capacity_from_factor(7, 2, 3.0) == 7       # at most S
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,7 +516,7 @@ def test_intra_device_choice_matches_reference(S, E, k, C, fill_in, first, L, ir
     for mode in ref.IR_MODES:
         kw = dict(first_expert=first, num_local=L, mode=mode, ir_capacity=ir_cap,
                   priority=priority)
-        got = _ir_to_dict(routing.intra_device_choice(jnp.asarray(probs), table, **kw))
+        got = _ir_to_dict(intra_device.intra_device_choice(jnp.asarray(probs), table, **kw))
         want = ref.intra_device_choice(
             probs, expert_index=t["expert_index"], gate=t["gate"], slot=t["slot"],
             token_mask=mask, top_k=k, num_choices=t["num_choices"], **kw)
@@ -532,7 +532,7 @@ def test_intra_device_choice_traced_first_expert(mode):
 
     @jax.jit
     def f(p, tab, fe):
-        return routing.intra_device_choice(p, tab, first_expert=fe, num_local=L, mode=mode,
+        return intra_device.intra_device_choice(p, tab, first_expert=fe, num_local=L, mode=mode,
                                            ir_capacity=2, priority="bpr")
 
     for fe in (0, 2, 4, 6, 3):
@@ -548,7 +548,7 @@ def test_intra_device_choice_traced_first_expert(mode):
 # Blend: the spec's worked cases (rectify_router.md §3.2 and §5)
 # ------------------------------------------------------------------------------------------------
 def _blend(*args, **kw):
-    return np.asarray(routing.ir_blend(*(jnp.asarray(a) for a in args), **kw))
+    return np.asarray(intra_device.ir_blend(*(jnp.asarray(a) for a in args), **kw))
 
 
 def test_blend_worked_cases():
@@ -687,7 +687,7 @@ def test_ir_blend_gradient_matches_frozen_fd():
     W = rng.normal(size=(G, S, D))
 
     def loss(p_, y_, yl_):
-        out = routing.ir_blend(y_, yl_, p_, jnp.asarray(lam), jnp.asarray(total), jnp.asarray(placed))
+        out = intra_device.ir_blend(y_, yl_, p_, jnp.asarray(lam), jnp.asarray(total), jnp.asarray(placed))
         return jnp.sum(out * jnp.asarray(W, jnp.float32))
 
     gp, gy, gyl = (np.asarray(a) for a in
@@ -705,7 +705,7 @@ def test_ir_blend_gradient_matches_frozen_fd():
     np.testing.assert_allclose(gyl, _central_fd(lambda a: frozen(p, y, a), y_loc), rtol=1e-3, atol=2e-5)
     # Top-1 case (T = 0, lam = 1): forward weight 1 but d/dp = y_loc / p (ST-like).
     one = jnp.ones((), bool)
-    gp1 = jax.grad(lambda q: jnp.sum(routing.ir_blend(jnp.zeros(D), jnp.asarray(y_loc[0, 0]), q,
+    gp1 = jax.grad(lambda q: jnp.sum(intra_device.ir_blend(jnp.zeros(D), jnp.asarray(y_loc[0, 0]), q,
                                                       jnp.float32(1), jnp.float32(0), one)))(
         jnp.float32(0.25))
     np.testing.assert_allclose(gp1, y_loc[0, 0].sum() / 0.25, rtol=1e-5)
@@ -720,7 +720,7 @@ def test_ir_blend_weights_closed_form():
     total = (rng.random(12) * (rng.random(12) < 0.6)).astype(np.float32)
     placed = rng.random(12) < 0.7
     p[0], total[0], placed[0] = 0.0, 0.0, True  # clamped denominator
-    keep, local = (np.asarray(a) for a in routing.ir_blend_weights(*(jnp.asarray(v) for v in (p, lam, total, placed))))
+    keep, local = (np.asarray(a) for a in intra_device.ir_blend_weights(*(jnp.asarray(v) for v in (p, lam, total, placed))))
     den = np.maximum(total.astype(np.float64) + lam * p, 1e-9)
     np.testing.assert_allclose(keep, np.where(placed, total / den, 1.0), rtol=1e-6)
     np.testing.assert_allclose(local, np.where(placed, lam * p / den, 0.0), rtol=1e-6)
@@ -737,12 +737,12 @@ def test_ir_p_is_differentiable_and_lam_total_are_detached():
     def f(field):
         def inner(pr):
             tab = routing.route_top_k(pr, top_k=2, capacity=1, token_mask=jnp.asarray(mask))
-            ir = routing.intra_device_choice(pr, tab, **kw)
+            ir = intra_device.intra_device_choice(pr, tab, **kw)
             val = getattr(ir, field)
             return jnp.sum(jnp.where(ir.selected, val, 0.0) * w)
         return np.asarray(jax.grad(inner)(jnp.asarray(probs)))
 
-    ir = _ir_to_dict(routing.intra_device_choice(jnp.asarray(probs), table, **kw))
+    ir = _ir_to_dict(intra_device.intra_device_choice(jnp.asarray(probs), table, **kw))
     expected = np.zeros_like(probs)
     for g, s in zip(*np.nonzero(ir["selected"])):
         expected[g, s, 2 + ir["local_expert"][g, s]] = np.asarray(w)[g, s]
@@ -853,7 +853,7 @@ def test_intra_device_choice_validation():
     probs = jnp.full((1, 4, 3), 1 / 3, jnp.float32)
     table = routing.route_top_k(probs, top_k=1, capacity=1)
     with pytest.raises(ValueError, match="mode"):
-        routing.intra_device_choice(probs, table, first_expert=0, num_local=1, mode="some")
+        intra_device.intra_device_choice(probs, table, first_expert=0, num_local=1, mode="some")
     with pytest.raises(ValueError, match="priority"):
-        routing.intra_device_choice(probs, table, first_expert=0, num_local=1, mode="all",
+        intra_device.intra_device_choice(probs, table, first_expert=0, num_local=1, mode="all",
                                     priority="random")

@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 import jax.numpy as jnp
 
 import routing_reference as ref
-from rectify_moe import routing
+from rectify_moe import intra_device, routing
 
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,7 +189,7 @@ def test_ir_invariants(case, mode, L, first_seed, ir_cap, ir_priority):
     L = min(L, E)
     first = first_seed % (E - L + 1)
     table = routing.route_top_k(jnp.asarray(probs), token_mask=jnp.asarray(mask), **kw)
-    ir = routing.intra_device_choice(jnp.asarray(probs), table, first_expert=first, num_local=L,
+    ir = intra_device.intra_device_choice(jnp.asarray(probs), table, first_expert=first, num_local=L,
                                      mode=mode, ir_capacity=ir_cap, priority=ir_priority)
     sel, le, slot = (np.asarray(a) for a in (ir.selected, ir.local_expert, ir.slot))
     disp, placed = np.asarray(ir.dispatch), np.asarray(ir.placed)

@@ -1,5 +1,6 @@
 """End-to-end training: a tiny run on fake devices, exact resume, SIGTERM, paper configs, clear errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import paper
-from rectify_moe import train_lib
+from rectify_moe import checkpoints, train_lib
 from rectify_moe.data import registered as registered_data
 import train_helpers
 
@@ -29,7 +30,7 @@ def _params(workdir, config):
   """The latest checkpoint's model parameters as a flat {path: np.ndarray}."""
   mesh = train_lib.sharding.make_mesh(*train_lib.validate_config(config))
   _, state, shardings = train_lib.create_train_state(config, mesh)
-  ckpt = train_lib.Checkpointer(workdir, keep=3)
+  ckpt = checkpoints.Checkpointer(workdir, keep=3)
   state, _ = ckpt.restore(ckpt.latest_step(), state, shardings)
   ckpt.close()
   flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)[0])
@@ -162,7 +163,7 @@ def test_bad_config_gives_one_clear_error_before_compiling(tmp_path, override, m
   for section, values in override.items():
     config[section].update(values)
   compiled = []
-  monkeypatch.setattr(train_lib, "jit_steps", lambda *a, **k: compiled.append(1))
+  monkeypatch.setattr(train_lib, "jit_train_step", lambda *a, **k: compiled.append(1))
   with pytest.raises(ValueError, match=message.replace("*", r"\*").replace("(", r"\(")):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert not compiled
@@ -196,12 +197,16 @@ def test_cli_unknown_config_field_is_one_clear_line(tmp_path):
   assert "bogus_field" in result.stderr
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = train_helpers.tiny_config(tmp_path, steps=2)
   config.train.update(dict(checkpoint_every=2, log_every=1))
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(config, workdir)  # a good checkpoint at step 2
-  config.train.update(dict(steps=8, learning_rate=float("nan")))  # step 3 poisons the parameters
+  config.train.steps = 8
+  # A NaN learning rate (the config rejects one) makes step 3 poison the parameters.
+  real = train_lib.make_optimizer
+  monkeypatch.setattr(train_lib, "make_optimizer",
+                      lambda train, moe_cfg=None: real(dataclasses.replace(train, learning_rate=float("nan")), moe_cfg))
   with pytest.raises(train_lib.NonFiniteLossError, match="Loss became nan at step 4.*last good checkpoint is step 2"):
     train_lib.train_and_evaluate(config, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())

@@ -135,12 +135,13 @@ def resolve_eval_mesh(cfg: schema.RunConfig, mesh_shape: Optional[Sequence[int]]
 # ---------------------------------------------------------------------------------------------------------
 # Restore.
 # ---------------------------------------------------------------------------------------------------------
-def abstract_model(cfg: schema.RunConfig, mesh: jax.sharding.Mesh, moe_cfg: Optional[schema.MoEConfig] = None):
+def abstract_model(cfg: Any, mesh: jax.sharding.Mesh, moe_cfg: Optional[schema.MoEConfig] = None):
   """(graphdef, abstract state) of the model, with no parameter materialised.
 
   `moe_cfg` replaces the config's MoE settings (a router swap: same parameters, other graphdef). Router state that
   the training data would prepare (a balanced hash table) is a placeholder that the restore fills.
   """
+  cfg = schema.parse(cfg)
   moe_cfg = cfg.moe if moe_cfg is None else moe_cfg
   has_moe = bool(cfg.model.num_moe_layers)
   prepared = moe_lib.prepare_router(moe_cfg, vocab_size=cfg.model.vocab_size) if has_moe else None
@@ -150,7 +151,7 @@ def abstract_model(cfg: schema.RunConfig, mesh: jax.sharding.Mesh, moe_cfg: Opti
   return nnx.split(model)
 
 
-def restore_model(workdir: str, cfg: schema.RunConfig, mesh: jax.sharding.Mesh, step: Optional[int] = None):
+def restore_model(workdir: str, cfg: Any, mesh: jax.sharding.Mesh, step: Optional[int] = None):
   """Restores the model of a training checkpoint onto `mesh` (any mesh whose expert axis divides E).
 
   Returns:
