@@ -72,6 +72,11 @@ def optimizer_transforms(cfg: MoEConfig) -> list[optax.GradientTransformation]:
   return [] if transform is None else [transform]
 
 
+def applicable_config(cfg: MoEConfig) -> tuple[MoEConfig, list[str]]:
+  """`cfg` without the block options its router cannot use, and what was turned off (see `routers.applicable`)."""
+  return routers.applicable(cfg)
+
+
 def describe(cfg: MoEConfig) -> str:
   """'Top-1+IR(all)+FR' style name of a router config."""
   return routers.get(cfg.router).describe(cfg)

@@ -254,7 +254,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   Returns:
     A summary: final step, last train metrics, last eval metrics, stop reason.
   """
-  cfg = schema.parse(config)
+  cfg, unused = schema.resolve(config)
+  if unused:
+    log.warning(f"moe.router={cfg.moe.router!r} routes greedily to one expert; running without "
+                f"{', '.join(unused)}.")
   distributed.maybe_initialize(cfg)
   mesh_shape = validate_config(cfg)
   paths = Workdir(workdir)

@@ -96,8 +96,10 @@ def candidate_order(gate, top_k, priority, fill_in, fill_in_priority):
 # ------------------------------------------------------------------------------------------------
 def route_top_k(router_probs, *, top_k, capacity, priority="position", fill_in=False,
                 fill_in_priority="same", combine="normalized", straight_through=False,
-                token_mask=None, eps=1e-9, fill_in_disabled=False):
+                token_mask=None, eps=1e-9, fill_in_disabled=False, selection_bias=None):
     """Reference route_top_k.
+
+    ``selection_bias`` [E] is added to the probabilities only to rank the experts; gates are the probabilities.
 
     ``fill_in_disabled`` is test-only (not in the public API): with ``fill_in=True`` it drops every
     rank-k (fill-in) candidate before it can take a slot. This is the official repo's check
@@ -125,7 +127,8 @@ def route_top_k(router_probs, *, top_k, capacity, priority="position", fill_in=F
 
     for g in range(G):
         for s in range(S):
-            expert_index[g, s] = ranked_choices(probs[g, s], K)
+            scores = probs[g, s] if selection_bias is None else probs[g, s] + np.asarray(selection_bias)
+            expert_index[g, s] = ranked_choices(scores, K)
             for j in range(K):
                 gate[g, s, j] = probs[g, s, expert_index[g, s, j]]
 

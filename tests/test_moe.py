@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import moe_reference as mref
 from rectify_moe import metrics as metrics_lib
-from rectify_moe import moe, routing, sharding
+from rectify_moe import moe, routing, sharding, variants
 from rectify_moe.config.schema import MoEConfig
 
 D, F, B, T, S = 12, 32, 8, 16, 8     # width, expert width, batch, seq, group size
@@ -34,19 +34,10 @@ MESHES = ((1, 1), (1, 8), (2, 4), (4, 2), (8, 1))
 REF_TOL = dict(rtol=2e-5, atol=2e-5)  # float32 block vs float64 reference
 EXACT_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 vs float32 (different meshes / dispatch)
 
-# The paper's eight variants (capacity factor 0.5: C = 1 slot per expert per group of 8 tokens).
-VARIANTS = {
-    "top1": dict(top_k=1, straight_through=True),
-    "top1_ir": dict(top_k=1, straight_through=True, ir_mode="all"),
-    "top1_fr": dict(top_k=1, fill_in=True),
-    "top1_ir_fr": dict(top_k=1, fill_in=True, ir_mode="ignore_kth"),
-    "top2": dict(top_k=2),
-    "top2_ir": dict(top_k=2, ir_mode="any"),
-    "top2_fr": dict(top_k=2, fill_in=True),
-    "top2_ir_fr": dict(top_k=2, fill_in=True, ir_mode="ignore_kth"),
-}
-NO_IR = tuple(n for n, v in VARIANTS.items() if "ir_mode" not in v)
-WITH_IR = tuple(n for n, v in VARIANTS.items() if "ir_mode" in v)
+# The paper's eight variants (rectify_moe/variants.py); capacity factor 0.5: C = 1 slot per expert per group of 8.
+VARIANTS = variants.PAPER_VARIANTS
+NO_IR = tuple(n for n, v in VARIANTS.items() if v["ir_mode"] is None)
+WITH_IR = tuple(n for n, v in VARIANTS.items() if v["ir_mode"] is not None)
 BASE = dict(num_experts=E, expert_dim=F, group_size=S, capacity_factor=0.5)
 
 

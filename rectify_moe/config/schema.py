@@ -248,6 +248,16 @@ def default_config() -> ml_collections.ConfigDict:
   return to_config_dict(RunConfig())
 
 
+def resolve(config: Any) -> tuple[RunConfig, list[str]]:
+  """The config as a run uses it: `parse(config)` with the MoE options its router cannot use turned off (a greedy
+  router takes no top-k, rectification, Gating Dropout or expert bias), and a 'moe.field=value' list of them."""
+  cfg = parse(config)
+  if not cfg.model.num_moe_layers:
+    return cfg, []
+  moe_cfg, unused = routers.applicable(cfg.moe)
+  return dataclasses.replace(cfg, moe=moe_cfg), unused
+
+
 def parse(config: Any) -> RunConfig:
   """The typed run config from a ConfigDict / mapping (missing fields take their defaults).
 

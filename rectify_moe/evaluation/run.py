@@ -75,7 +75,7 @@ def check_architecture(config: schema.RunConfig, run_config: schema.RunConfig,
 
 def _parse(config: Any) -> schema.RunConfig:
   try:
-    cfg = schema.parse(config)
+    cfg, _ = schema.resolve(config)
     cfg.model.validate()
     if cfg.model.num_moe_layers:
       cfg.moe.validate()

@@ -13,6 +13,7 @@ need no change: they reach routers only through `rectify_moe/moe.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from rectify_moe.config.fields import ConfigError, closest
@@ -40,14 +41,30 @@ def get(name: str) -> type[base.Router]:
   return REGISTRY[name]
 
 
+# Block options that need a router ranking all experts by a softmax (`base.Router.rectifiable`), at their "off" values.
+RECTIFIABLE_ONLY = dict(top_k=1, fill_in=False, ir_mode=None, straight_through=False, gating_dropout=0.0,
+                        expert_bias_update_rate=0.0)
+
+
+def applicable(cfg: "MoEConfig") -> tuple["MoEConfig", list[str]]:
+  """`cfg` without the options its router does not use, and a 'field=value' list of what was turned off.
+
+  A greedy router (StableMoE, hash) routes every token to one expert: top-k, rectification, Gating Dropout and the
+  expert bias do not apply to it. Entry points call this before validating, so switching the router of a config
+  that rectifies (`--config.moe.router=hash` on configs/default.py) runs, saying what it turned off.
+  """
+  if get(cfg.router).rectifiable:
+    return cfg, []
+  changed = {k: v for k, v in RECTIFIABLE_ONLY.items() if getattr(cfg, k) != v}
+  return dataclasses.replace(cfg, **changed), [f"moe.{k}={getattr(cfg, k)!r}" for k in changed]
+
+
 def validate(cfg: "MoEConfig") -> None:
   """The router's capabilities against the block's options, then the router's own rules."""
   router = get(cfg.router)
-  if not router.rectifiable and (cfg.top_k != 1 or cfg.fill_in or cfg.ir_mode is not None or cfg.gating_dropout > 0):
-    raise ConfigError(f"moe.router={cfg.router!r} routes greedily to one expert: set top_k=1, fill_in=False, "
-                      "ir_mode=None and gating_dropout=0 (rectification and gating dropout need a router that ranks "
-                      "all experts by a softmax, e.g. 'top_k').")
-  if not router.rectifiable and cfg.expert_bias_update_rate > 0:
-    raise ConfigError(f"moe.expert_bias_update_rate applies to a learned top-k router, not moe.router={cfg.router!r}; "
-                      "set it to 0.")
+  _, unused = applicable(cfg)
+  if unused:
+    raise ConfigError(f"moe.router={cfg.router!r} routes greedily to one expert and cannot use {', '.join(unused)}: "
+                      f"set {', '.join(f'moe.{k}={v!r}' for k, v in RECTIFIABLE_ONLY.items())} (top-k, rectification, "
+                      "Gating Dropout and the expert bias need a router that ranks all experts, e.g. 'top_k').")
   router.validate(cfg)
