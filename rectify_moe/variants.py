@@ -50,3 +50,15 @@ def paper_overrides(name: str) -> dict[str, Any]:
   if name not in PAPER_VARIANTS:
     raise ValueError(f"Unknown router variant {name!r}; use one of {sorted(PAPER_VARIANTS)}.")
   return {**PAPER_VARIANTS[name], **PAPER_DEFAULTS}
+
+
+# Every named variant a study or a benchmark can run: name -> all its `moe` overrides (the paper's eight so far;
+# baselines join here).
+VARIANTS: dict[str, dict[str, Any]] = {name: paper_overrides(name) for name in PAPER_VARIANTS}
+
+
+def overrides(name: str) -> dict[str, Any]:
+  """The `moe` overrides of any named variant (`VARIANTS`)."""
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown router variant {name!r}; use one of {sorted(VARIANTS)}.")
+  return dict(VARIANTS[name])
