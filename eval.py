@@ -29,7 +29,8 @@ flags.DEFINE_multi_string("swap", [], "A test-time router swap (repeatable): a p
                           "or 'presets' for all four) and/or key=value routing fields, comma-separated.")
 flags.DEFINE_list("eval_capacity_factors", [], "Also evaluate every router at each of these capacity factors.")
 flags.DEFINE_string("mesh", None, "Evaluation mesh 'data,expert' (default: the run's mesh if it fits this machine).")
-flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eval_batches of the config).")
+flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eval_batches of the config; 0 = the "
+                     "whole held-out split).")
 flags.DEFINE_integer("eval_batch_size", None, "Rows per eval batch (default: train.eval_batch_size).")
 flags.DEFINE_string("output_dir", None, "Where to write results (default: workdir/eval/<step>).")
 flags.DEFINE_bool("plots", True, "Write the PNG plots.")

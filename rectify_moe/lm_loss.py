@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -35,3 +36,14 @@ def lm_metrics(totals: Mapping[str, float]) -> dict[str, float]:
   tokens = max(float(totals["tokens"]), 1.0)
   loss = float(totals["ce_sum"]) / tokens
   return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "accuracy": float(totals["correct"]) / tokens}
+
+
+def loss_standard_error(batch_ce_sums: Any, batch_tokens: Any) -> float:
+  """Standard error of the held-out loss sum(ce) / sum(tokens) over n batches (the ratio estimator:
+  sqrt(n / (n - 1) * sum_i (ce_i - loss * tokens_i)^2) / sum(tokens)); 0 for a single batch."""
+  ce, tokens = np.asarray(batch_ce_sums, np.float64), np.asarray(batch_tokens, np.float64)
+  n, total = len(ce), tokens.sum()
+  if n < 2 or total <= 0:
+    return 0.0
+  loss = ce.sum() / total
+  return float(math.sqrt(n / (n - 1) * np.sum((ce - loss * tokens) ** 2)) / total)

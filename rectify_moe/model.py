@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rectify_moe import moe as moe_lib
+from rectify_moe.config import schema
 from rectify_moe.config.schema import ModelConfig, MoEConfig
 
 Array = jax.Array
@@ -195,3 +196,19 @@ class TransformerLM(nnx.Module):
     """Router state updates after an optimizer step, from each MoE layer's global metrics of that step."""
     for block, metrics in zip(self.moe_blocks(), layer_metrics, strict=True):
       block.after_step(metrics)
+
+
+def abstract_model(cfg: Any, mesh: jax.sharding.Mesh, moe_cfg: Optional[MoEConfig] = None):
+  """(graphdef, abstract state) of the model of a run config, with no parameter materialised (a restore target).
+
+  `moe_cfg` replaces the config's MoE settings (a router swap: same parameters, other graphdef). Router state that
+  the training data would prepare (a balanced hash table) is a placeholder that a checkpoint restore fills.
+  """
+  cfg = schema.parse(cfg)
+  moe_cfg = cfg.moe if moe_cfg is None else moe_cfg
+  has_moe = bool(cfg.model.num_moe_layers)
+  prepared = moe_lib.prepare_router(moe_cfg, vocab_size=cfg.model.vocab_size) if has_moe else None
+  with jax.set_mesh(mesh):
+    model = nnx.eval_shape(lambda: TransformerLM(cfg.model, moe_cfg if has_moe else None, rngs=nnx.Rngs(0),
+                                                 router_prepared=prepared))
+  return nnx.split(model)

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, sharding
+from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, sharding, upcycle
 from rectify_moe import data as data_lib
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
@@ -261,6 +261,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   distributed.maybe_initialize(cfg)
   mesh_shape = validate_config(cfg)
   paths = Workdir(workdir)
+  # Upcycling starts a new run only; a workdir with checkpoints resumes from them.
+  source = upcycle.check_source(cfg) if cfg.init_from and not checkpoints.exists(paths) else None
   os.makedirs(paths.root, exist_ok=True)
   if jax.process_index() == 0:
     _write_config(cfg, mesh_shape, paths)
@@ -290,12 +292,16 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                             process_count=process_count)
 
   checkpointer = checkpoints.Checkpointer(paths, keep=train_cfg.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
+  latest = checkpointer.latest_step()
+  start_step = latest or 0
+  if latest is not None:
     state, data_state = checkpointer.restore(start_step, state, state_shardings)
     if data_state.get("iterator") is not None:
       train_iter.set_state(data_state["iterator"])
     log.info(f"Resumed from step {start_step} ({checkpointer.directory}).")
+  elif source is not None:
+    state = upcycle.initialize(state, cfg, source, mesh)
+    checkpointer.save(0, state, {"iterator": train_iter.get_state(), "step": 0})  # the upcycled model, evaluable
   if start_step >= train_cfg.steps:
     log.info(f"Nothing to do: checkpoint step {start_step} >= train.steps={train_cfg.steps}.")
 
@@ -346,7 +352,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           log.info(progress_line(step, train_cfg.steps, last_train, rate,
                                  gating_dropout=moe_cfg is not None and moe_cfg.gating_dropout > 0))
           window_start, window_steps = time.time(), 0
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+        if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
           drain()
           last_eval = evaluator(state[0], eval_batches, moe_layer_indices=cfg.model.moe_layer_indices)
           writer.scalars(step, "eval", last_eval)

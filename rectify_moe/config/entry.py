@@ -18,12 +18,13 @@ def define_config_flag(default: str | None, help_text: str) -> None:
   config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
 
 
-def run(main: Callable[[Sequence[str], list[str]], None], argv: Sequence[str] | None = None) -> None:
-  """`app.run(main)` after checking the `--config.*` overrides; main(argv, none_paths) applies the Nones with
-  `cli.apply_none(config, none_paths)`. A bad override exits 2 with one line."""
+def run(main: Callable[[Sequence[str], list[str]], None], argv: Sequence[str] | None = None, *,
+        root: type = schema.RunConfig, flag: str = "config") -> None:
+  """`app.run(main)` after checking the `--{flag}.*` overrides against the schema `root`; main(argv, none_paths)
+  applies the Nones with `cli.apply_none(config, none_paths)`. A bad override exits 2 with one line."""
   argv = list(sys.argv if argv is None else argv)
   try:
-    argv, none_paths = cli.preparse(argv, schema.RunConfig)
+    argv, none_paths = cli.preparse(argv, root, flag=flag)
   except ConfigError as e:
     log.error(str(e))
     sys.exit(2)

@@ -208,7 +208,7 @@ class TrainConfig:
                                  min=0.0)
   z_loss_weight: float = field(0.0, "weight of the summed router z-losses", min=0.0)
   log_every: int = field(25, "steps between progress lines / metrics.jsonl rows", min=1)
-  eval_every: int = field(100, "steps between held-out evaluations", min=1)
+  eval_every: int = field(100, "steps between held-out evaluations (0 = none, not even at the end)", min=0)
   eval_batches: int = field(8, "held-out batches per evaluation", min=1)
   eval_batch_size: int = field(16, "sequences per eval batch (all processes)", min=1)
   checkpoint_every: int = field(100, "steps between checkpoints (a final one and one on SIGTERM/SIGINT are always "
@@ -228,6 +228,11 @@ class TrainConfig:
 class RunConfig:
   """A whole run: the sections above and the seed."""
   seed: int = field(0, "parameter init and per-step RNG (Gating Dropout)")
+  init_from: str = field("", "upcycle a dense run: its workdir (latest checkpoint) or one checkpoint step folder; "
+                             "every expert starts as a copy of its layer's dense FFN (used when the workdir has no "
+                             "checkpoint yet; '' = random init)")
+  init_noise: float = field(0.0, "std of Gaussian noise added to each upcycled expert copy, relative to the std of "
+                                 "the dense weight it copies (0 = exact copies)", min=0.0)
   mesh: MeshConfig = field(MeshConfig(), "the device mesh")
   data: DataConfig = field(DataConfig(), "the data")
   model: ModelConfig = field(ModelConfig(), "the model")

@@ -87,7 +87,10 @@ class Evaluator:
     totals = host[0]
     for out in host[1:]:
       totals = _add(totals, out)
-    return jax.tree.map(lambda x: np.asarray(x, np.float64), totals)
+    totals = jax.tree.map(lambda x: np.asarray(x, np.float64), totals)
+    totals["batch_ce_sum"] = np.asarray([out["ce_sum"] for out in host], np.float64)
+    totals["batch_tokens"] = np.asarray([out["tokens"] for out in host], np.float64)
+    return totals
 
   def __call__(self, state: Any, batches: Sequence[dict[str, np.ndarray]], *, moe_layer_indices: Sequence[int] = (),
                capacity: Optional[int] = None, progress: Optional[Callable[[int, int, float], None]] = None
@@ -98,11 +101,14 @@ class Evaluator:
 
 def summarize(totals: dict[str, Any], moe_layer_indices: Sequence[int] = (),
               capacity: Optional[int] = None) -> dict[str, Any]:
-  """The evaluation result from totals: "loss", "perplexity", "accuracy", "tokens", and for MoE models "layers"
+  """The evaluation result from totals: "loss", "perplexity", "accuracy", "tokens", "loss_se" (the standard error
+  of the loss over the batches), and for MoE models "layers"
   (one dict per MoE layer: its index, C, rates, counts, imbalance, per-expert load and demand, mean losses) and
   "mean" (`LAYER_MEAN_KEYS` averaged over the layers)."""
   result: dict[str, Any] = {**lm_loss.lm_metrics(totals), "tokens": int(totals["tokens"]), "layers": [],
                             "mean": {}}
+  if "batch_ce_sum" in totals:
+    result["loss_se"] = lm_loss.loss_standard_error(totals["batch_ce_sum"], totals["batch_tokens"])
   if "counts" not in totals:
     return result
   counts, loss_sums = totals["counts"], totals["loss_sums"]

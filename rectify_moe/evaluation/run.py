@@ -135,22 +135,6 @@ def resolve_eval_mesh(cfg: schema.RunConfig, mesh_shape: Optional[Sequence[int]]
 # ---------------------------------------------------------------------------------------------------------
 # Restore.
 # ---------------------------------------------------------------------------------------------------------
-def abstract_model(cfg: Any, mesh: jax.sharding.Mesh, moe_cfg: Optional[schema.MoEConfig] = None):
-  """(graphdef, abstract state) of the model, with no parameter materialised.
-
-  `moe_cfg` replaces the config's MoE settings (a router swap: same parameters, other graphdef). Router state that
-  the training data would prepare (a balanced hash table) is a placeholder that the restore fills.
-  """
-  cfg = schema.parse(cfg)
-  moe_cfg = cfg.moe if moe_cfg is None else moe_cfg
-  has_moe = bool(cfg.model.num_moe_layers)
-  prepared = moe_lib.prepare_router(moe_cfg, vocab_size=cfg.model.vocab_size) if has_moe else None
-  with jax.set_mesh(mesh):
-    model = nnx.eval_shape(lambda: model_lib.TransformerLM(cfg.model, moe_cfg if has_moe else None, rngs=nnx.Rngs(0),
-                                                           router_prepared=prepared))
-  return nnx.split(model)
-
-
 def restore_model(workdir: str, cfg: Any, mesh: jax.sharding.Mesh, step: Optional[int] = None):
   """Restores the model of a training checkpoint onto `mesh` (any mesh whose expert axis divides E).
 
@@ -169,7 +153,7 @@ def restore_model(workdir: str, cfg: Any, mesh: jax.sharding.Mesh, step: Optiona
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.select_step(step)
-    graphdef, abstract = abstract_model(cfg, mesh)
+    graphdef, abstract = model_lib.abstract_model(cfg, mesh)
     params = ckpt.restore_model(step, checkpoints.abstract_target(abstract, mesh))
   except checkpoints.CheckpointError as e:
     raise EvalError(str(e)) from None
@@ -198,7 +182,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     swaps: router swap specs (see `swaps.parse_swap`, `swaps.router_specs`).
     eval_capacity_factors: evaluate every router also at each of these capacity factors.
     mesh_shape: (data, expert) of the evaluation mesh; None = the run's mesh if it fits, else a fitting one.
-    eval_batches: held-out batches (None = train.eval_batches, as the training loop's eval).
+    eval_batches: held-out batches (None = train.eval_batches, as the training loop's eval; 0 = the whole split).
     eval_batch_size: rows per eval batch (None = train.eval_batch_size).
     output_dir: where to write (None = workdir/eval/<step>).
     write: write results.json, results.md and plots.
@@ -219,9 +203,11 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     if os.path.isfile(paths.config_json):
       run_cfg = _parse(load_run_config(workdir))
       check_architecture(cfg, run_cfg, paths.config_json)
-  for name, value in (("eval_batches", eval_batches), ("eval_batch_size", eval_batch_size)):
-    if value is not None and value < 1:
-      raise EvalError(f"--{name}={value} must be >= 1.")
+  for name, value, least in (("eval_batches", eval_batches, 0), ("eval_batch_size", eval_batch_size, 1)):
+    if value is not None and value < least:
+      raise EvalError(f"--{name}={value} must be >= {least}" + (" (0 = the whole held-out split)." if least == 0
+                                                                 else "."))
+  whole_split = eval_batches == 0
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(
       cfg.train, eval_batches=int(eval_batches or cfg.train.eval_batches),
       eval_batch_size=int(eval_batch_size or cfg.train.eval_batch_size)))
@@ -245,7 +231,8 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
   try:
     batches = data_lib.make_eval_batches(
         cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.eval_batch_size // process_count,
-        max_batches=cfg.train.eval_batches, process_index=jax.process_index(), process_count=process_count)
+        max_batches=None if whole_split else cfg.train.eval_batches, process_index=jax.process_index(),
+        process_count=process_count)
   except (ValueError, FileNotFoundError) as e:
     raise EvalError(one_line(e)) from None
   moe_layers = cfg.model.moe_layer_indices
@@ -259,7 +246,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
       log(f"[eval] {label}: same router as an earlier row, reusing its results")
       result = done[router.moe]
     else:
-      router_graphdef = graphdef if not router.overrides else abstract_model(cfg, mesh, router.moe)[0]
+      router_graphdef = graphdef if not router.overrides else model_lib.abstract_model(cfg, mesh, router.moe)[0]
       evaluator = Evaluator(router_graphdef, state_shardings, mesh)
       progress = lambda i, n, t, label=label: log(f"[eval] {label}: batch {i}/{n}  ({t:.1f}s)")
       result = evaluator(state, batches, moe_layer_indices=moe_layers,
