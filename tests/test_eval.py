@@ -375,3 +375,25 @@ def test_cli_error_is_one_line_and_non_zero(run):
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert lines == [f"error: Step 999 has no checkpoint in {os.path.join(run[0], 'checkpoints')!r}; "
                    f"available steps: {STEPS}."], result.stderr
+
+
+def test_whole_split_and_the_standard_error_of_the_loss(run):
+  """eval_batches=0 reads the whole held-out split; loss_se is the ratio estimator over its batches, recomputed
+  here from one evaluation per batch."""
+  workdir, config, _ = run
+  results = eval_lib.evaluate_checkpoint(None, workdir, eval_batches=0, write=False, log=QUIET)
+  every = data_lib.make_eval_batches(config.data, seq_len=config.train.seq_len,
+                                     batch_size=config.train.eval_batch_size)
+  assert results["eval_batches"] == len(every) > config.train.eval_batches
+  row = results["routers"][0]
+  mesh = sharding.make_mesh(2, 4)
+  _, graphdef, state = eval_lib.restore_model(workdir, config, mesh)
+  evaluator = eval_lib.Evaluator(graphdef, jax.tree.map(lambda x: x.sharding, state), mesh)
+  per_batch = [evaluator.sums(state, [batch]) for batch in every]
+  ce = np.array([b["ce_sum"] for b in per_batch])
+  tokens = np.array([b["tokens"] for b in per_batch])
+  loss = ce.sum() / tokens.sum()
+  n = len(ce)
+  want_se = np.sqrt(n / (n - 1) * np.sum((ce - loss * tokens) ** 2)) / tokens.sum()
+  assert row["loss"] == pytest.approx(loss, rel=1e-6)
+  assert row["loss_se"] == pytest.approx(want_se, rel=1e-6) and row["loss_se"] > 0
