@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rectify_moe import intra_device, routers, routing, sharding
+from rectify_moe import dropless, intra_device, routers, routing, sharding
 from rectify_moe.config.schema import MoEConfig
 from rectify_moe.dispatch import combine_outputs, dispatch_tokens, expert_ffn, expert_ffn_joint
 from rectify_moe.routers.base import RouteContext, Router
@@ -231,7 +231,8 @@ def moe_shard_body(x: Array, token_mask: Array, router: Router, expert_weights: 
   num_local = num_experts // expert_axis_size
   groups = batch * seq // group_size
   payload_dtype = DTYPES[cfg.dtype]
-  capacity = cfg.capacity(train)
+  # Dropless: the router places choices in a whole-group capacity (nothing refused); no buffers are built.
+  capacity = group_size if cfg.dispatch == "dropless" else cfg.capacity(train)
   sharded = expert_axis is not None and expert_axis_size > 1
   first_expert = jax.lax.axis_index(expert_axis) * num_local if sharded else 0
 
@@ -254,6 +255,15 @@ def moe_shard_body(x: Array, token_mask: Array, router: Router, expert_weights: 
   def routed(payload):
     """Dispatch, all_to_all, experts, all_to_all back, combine; IR on the device's own experts (no collective),
     its rows run through the experts in the same pass as the main ones."""
+    if cfg.dispatch == "dropless":
+      with jax.named_scope("dropless"):
+        y = dropless.dropless_experts(payload, table, expert_weights, activation=cfg.activation,
+                                      num_experts=num_experts, expert_axis=expert_axis if sharded else None,
+                                      expert_axis_size=expert_axis_size)
+      # Every accepted choice is one row through the experts (and, sharded, through the ragged exchange).
+      rows = jnp.sum(table.slot >= 0, dtype=jnp.float32)
+      counts = {**routed_out.counts, **_ir_counts(None), **buffer_counts(rows, rows)}
+      return y, jax.tree.map(lambda v: v + varying_zero, counts)
     ir = None
     if cfg.ir_mode is not None:
       with jax.named_scope("rectify"):
