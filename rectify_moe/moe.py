@@ -344,6 +344,27 @@ def reduce_metrics(local: dict[str, dict[str, Array]], axes: tuple[str, ...] = (
   return {"losses": losses, "counts": counts}
 
 
+def dropless_distance(y: Array, x: Array, token_mask: Array, token_ids: Array, router: Router,
+                      expert_weights: dict[str, Array], *, cfg: MoEConfig, train: bool, expert_axis_size: int,
+                      step: Array, d_model: int, vocab_size: int) -> dict[str, Array]:
+  """This device's squared distance of the block output y to the dropless output of the same input x (the
+  dropless reference, `dropless.reference_config`), over its valid tokens: {"dropless_sq_dist": sum ||y - y_ref||^2,
+  "dropless_sq_norm": sum ||y_ref||^2} (float32 scalars; psum-ed with the counts; their ratio's root is the
+  relative L2 distance)."""
+  ref_cfg = dropless.reference_config(cfg)
+  ref_router = router
+  if ref_cfg.router != cfg.router:  # Expert Choice: the token-choice router on the same kernel
+    ref_router = router_from_arrays(ref_cfg, {"kernel": router.kernel[...]}, d_model=d_model, vocab_size=vocab_size)
+  with jax.named_scope("dropless_reference"):
+    y_ref, _ = moe_shard_body(x, token_mask, ref_router, expert_weights, cfg=ref_cfg, train=train,
+                              expert_axis_size=expert_axis_size, token_ids=token_ids, step=step,
+                              reduce_axes=sharding.AXES)
+  valid = token_mask.astype(jnp.float32)[..., None]
+  y_ref = y_ref.astype(jnp.float32) * valid
+  diff = y.astype(jnp.float32) * valid - y_ref
+  return {"dropless_sq_dist": jnp.sum(diff * diff), "dropless_sq_norm": jnp.sum(y_ref * y_ref)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The NNX module.
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +393,9 @@ class MoEBlock(nnx.Module):
           f"axis that divides {cfg.num_experts}.")
     self.cfg = cfg
     self.d_model = d_model
+    self.vocab_size = vocab_size
+    # eval.py --dropless_reference: also compute the dropless output of the same input (`dropless_distance`).
+    self.dropless_reference = False
     self.router = build_router(cfg, d_model=d_model, vocab_size=vocab_size, rngs=rngs, **(prepared or {}))
     e, d, f = cfg.num_experts, d_model, cfg.expert_dim
     init_in = nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -439,6 +463,10 @@ class MoEBlock(nnx.Module):
       router = nnx.merge(router_graph, router_state_l)
       y_l, local = moe_shard_body(x_l, mask_l, router, weights_l, cfg=cfg, train=train, expert_axis_size=n_exp,
                                   token_ids=ids_l, step=step_l, drop=drop_l, reduce_axes=sharding.AXES)
+      if self.dropless_reference:
+        local["counts"].update(dropless_distance(y_l, x_l, mask_l, ids_l, router, weights_l, cfg=cfg, train=train,
+                                                 expert_axis_size=n_exp, step=step_l, d_model=self.d_model,
+                                                 vocab_size=self.vocab_size))
       return y_l, reduce_metrics(local, sharding.AXES)
 
     weight_specs = {name: sharding.expert_spec(3) for name in weights}
