@@ -78,8 +78,8 @@ def applicable_config(cfg: MoEConfig) -> tuple[MoEConfig, list[str]]:
 
 
 def describe(cfg: MoEConfig) -> str:
-  """'Top-1+IR(all)+FR' style name of a router config."""
-  return routers.get(cfg.router).describe(cfg)
+  """'Top-1+IR(all)+FR' style name of a router config ('Top-2 dropless' under `moe.dispatch="dropless"`)."""
+  return routers.get(cfg.router).describe(cfg) + (" dropless" if cfg.dispatch == "dropless" else "")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
       ref_cfg = dropless_lib.reference_config(router.moe)
       ref = evaluate(ref_cfg, f"{label} (dropless reference {moe_lib.describe(ref_cfg)})")
       result.update(dropless_loss=ref["loss"], dropless_loss_gap=result["loss"] - ref["loss"],
-                    dropless_router=moe_lib.describe(ref_cfg) + " dropless")
+                    dropless_router=moe_lib.describe(ref_cfg))
     rows.append({
         "name": router.label,
         "router": moe_lib.describe(router.moe) if router.moe is not None else "dense",
