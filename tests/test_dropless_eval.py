@@ -101,3 +101,17 @@ def test_dropless_reference_outputs(evaluated):
   with open(os.path.join(out, "dropless_gap.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert results["dropless_reference"] is True
+
+
+def test_router_swaps_between_kernel_routers_only():
+  top1 = schema.MoEConfig(num_experts=8, group_size=32, fill_in=True, ir_mode="ignore_kth")
+  specs = eval_lib.router_specs(top1, ["router=expert_choice,capacity_factor=2", "router=base_layer"])
+  assert [s.moe.router for s in specs] == ["top_k", "expert_choice", "base_layer"]
+  assert (specs[1].moe.fill_in, specs[1].moe.ir_mode, specs[1].moe.capacity(False)) == (False, None, 8)
+  for base, spec in ((schema.MoEConfig(router="stablemoe"), "router=expert_choice"),
+                     (top1, "router=hash"),
+                     (schema.MoEConfig(expert_bias_update_rate=1e-3), "router=expert_choice")):
+    with pytest.raises(eval_lib.EvalError, match="a router swap works between top_k, expert_choice, base_layer"):
+      eval_lib.router_specs(base, [spec])
+  with pytest.raises(eval_lib.EvalError, match=r"moe\.capacity_factor=16\.0 gives C=64"):
+    eval_lib.router_specs(top1, ["router=expert_choice,capacity_factor=16"])
