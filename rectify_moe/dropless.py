@@ -107,7 +107,7 @@ def _sorted_by(keys: Array, num_keys: int) -> tuple[Array, Array]:
   """(order, counts): a stable sort of int keys in [0, num_keys] (num_keys = 'not computed', sorted last) and
   the rows per key in [0, num_keys)."""
   order = jnp.argsort(keys, stable=True)
-  counts = jnp.sum(jax.nn.one_hot(keys, num_keys, dtype=jnp.int32), axis=0)
+  counts = jnp.bincount(keys, length=num_keys + 1)[:num_keys].astype(jnp.int32)
   return order, counts
 
 

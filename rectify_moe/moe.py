@@ -11,6 +11,8 @@ Each device:
      tokens go through the device's own experts in a static IR buffer (no collective) and are blended in; with
      index dispatch, a device that holds every expert (expert axis 1) puts the IR slots behind the routed slots of
      each expert's buffer and combines both in one weighted sum;
+  Under `moe.dispatch="dropless"` steps 2-4 are `dropless.dropless_experts` (rows sorted by expert, grouped matmuls,
+  a ragged all-to-all across expert shards; no capacity buffers);
   6. returns y and the global metrics: {"losses": global losses, "counts": psum-ed counts} (rates from counts:
      `metrics.rates`).
 
@@ -431,7 +433,8 @@ class MoEBlock(nnx.Module):
       y [B, T, D] (x.dtype) and the global metrics (replicated float32): "losses" {name: value} (the router's,
       e.g. "aux_loss", "z_loss") and "counts" {name: sum}: "tokens", "dropped_choices", "unrouted_tokens",
       "filled_slots", "fill_in_slots", "slots", "ir_rectified", "ir_reused", "ir_overflow", "a2a_rows",
-      "group_tokens", "devices", "gating_dropped_devices", "expert_demand" [E], "expert_load" [E].
+      "group_tokens", "devices", "gating_dropped_devices", "expert_demand" [E], "expert_load" [E]; with
+      `dropless_reference` set also "dropless_sq_dist" and "dropless_sq_norm" (`dropless_distance`).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or set(mesh.axis_names) != set(sharding.AXES):
