@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-# Platforms whose XLA implements ragged-all-to-all. Tests may force the emulation with `FORCE_EMULATED_EXCHANGE`.
+# Platforms whose XLA implements ragged-all-to-all; `EXCHANGE` = "ragged" or "emulated" overrides the choice (tests
+# lower the ragged program on CPU to check it traces, forward and backward).
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
-FORCE_EMULATED_EXCHANGE = False
+EXCHANGE: Optional[str] = None
 
 
 # Routers whose routing is defined by their capacity (no dropless form): the dropless reference of such a row is
@@ -75,7 +76,9 @@ def reference_config(cfg: "MoEConfig") -> "MoEConfig":
 
 def use_ragged_all_to_all() -> bool:
   """True where `jax.lax.ragged_all_to_all` lowers (not on XLA:CPU)."""
-  return not FORCE_EMULATED_EXCHANGE and jax.default_backend() in RAGGED_PLATFORMS
+  if EXCHANGE is not None:
+    return EXCHANGE == "ragged"
+  return jax.default_backend() in RAGGED_PLATFORMS
 
 
 def _exclusive_cumsum(x: Array, axis: int = -1) -> Array:
@@ -139,13 +142,21 @@ def emulated_ragged_all_to_all(operand: Array, output: Array, input_offsets: Arr
   return output.at[target.reshape(n * rows)].set(blocks.reshape(n * rows, -1), mode="drop")
 
 
+def _vary_like(x: Array, like: Array) -> Array:
+  """x marked as varying over the manual mesh axes `like` varies over (shard_map's check_vma types)."""
+  varying = getattr(getattr(jax.typeof(like), "manual_axis_type", None), "varying", frozenset())
+  mine = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", frozenset())
+  missing = tuple(sorted(set(varying) - set(mine)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def exchange(operand: Array, output: Array, input_offsets: Array, send_sizes: Array, output_offsets: Array,
              recv_sizes: Array, *, axis_name: str) -> Array:
   """Ragged all-to-all over `axis_name`: `jax.lax.ragged_all_to_all` on GPU/TPU, its emulation on CPU."""
   if not use_ragged_all_to_all():
     return emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                       axis_name=axis_name)
-  output = jax.lax.pcast(output, axis_name, to="varying")  # a fresh buffer varies over the axis like the rows
+  output = _vary_like(output, operand)  # a fresh buffer: make it vary over the mesh axes like the rows
   return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name)
 
 

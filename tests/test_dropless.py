@@ -124,6 +124,19 @@ def test_emulated_exchange_matches_ragged_all_to_all_semantics():
   np.testing.assert_array_equal(np.asarray(got), np.stack(expected))
 
 
+def test_ragged_all_to_all_program_traces_forward_and_backward(monkeypatch):
+  """The GPU/TPU exchange cannot run on XLA:CPU; lowering (no compile) checks its shapes, types and transpose."""
+  monkeypatch.setattr(dropless, "EXCHANGE", "ragged")
+  cfg = dataclasses.replace(CFGS[0], dispatch="dropless")
+  mesh = sharding.make_mesh(2, 4)
+  x = np.ones((B, T, D), np.float32)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(moe.MoEBlock(cfg, d_model=D, rngs=nnx.Rngs(0)))
+    loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x)[0])
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).as_text()
+  assert text.count("ragged_all_to_all") >= 4  # two exchanges forward, their transposes backward
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(ir_mode="all"), "moe.ir_mode"),
     (dict(fill_in=True), "moe.fill_in"),
