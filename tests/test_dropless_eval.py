@@ -115,3 +115,21 @@ def test_router_swaps_between_kernel_routers_only():
       eval_lib.router_specs(base, [spec])
   with pytest.raises(eval_lib.EvalError, match=r"moe\.capacity_factor=16\.0 gives C=64"):
     eval_lib.router_specs(top1, ["router=expert_choice,capacity_factor=16"])
+
+
+def test_baselines_are_study_variants():
+  """Every baseline variant makes a valid run config in the paper study (each of its capacity factors)."""
+  from configs.studies import paper as paper_study
+  from rectify_moe.study import config as study_config, runner
+  names = "top1,top2,top1_dropless,top2_dropless,expert_choice,base_layer"
+  study = study_config.parse({**paper_study.get_config().to_dict(), "variants": names, "no_lb_variants": ""})
+  runs = runner.plan(study)
+  assert {r.variant for r in runs} == set(names.split(","))
+  for spec in runs:
+    cfg, unused = schema.resolve(runner.run_config(study, spec, "/dense"))
+    assert not unused
+    cfg.moe.validate()
+    if spec.variant.endswith("_dropless"):
+      assert cfg.moe.dispatch == "dropless" and cfg.moe.ir_mode is None and not cfg.moe.fill_in
+    if spec.variant in ("expert_choice", "base_layer"):
+      assert cfg.moe.router == spec.variant and cfg.moe.ir_mode is None and not cfg.moe.fill_in
