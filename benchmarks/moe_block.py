@@ -60,7 +60,8 @@ SHAPES = {
 IR_CAPACITY_FACTOR = 1 / 32
 RECTIFY = variants.PRESETS  # vanilla, ir, fr, ir_fr of the shape's k (rectify_moe/variants.py)
 COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
-           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "time_vs_ir_fr", "capacity_bmm_ms", "router_ms",
+           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "time_vs_ir_fr", "capacity_bmm_ms",
+           "router_ms",
            "minus_capacity_bmm_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_reuse_rate",
            "ir_overflow_rate")
 
@@ -251,7 +252,8 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
            f"calls. capacity_bmm_ms: the experts alone on full capacity buffers [E, G, C, D]; router_ms: routing "
            f"alone; minus_capacity_bmm_ms = median_ms - capacity_bmm_ms (both timed separately). Baselines: "
            f"'dropless' = vanilla top-k with moe.dispatch='dropless' (every choice computed: sorted rows and "
-           f"ragged_dot); 'expert_choice' = each expert takes C = S/E*cf*k tokens (the same buffers as the top-k rows); "
+           f"ragged_dot); 'expert_choice' = each expert takes C = S/E*cf*k tokens (the same buffers as the top-k "
+           f"rows); "
            f"their time_vs_vanilla / time_vs_ir_fr compare with the top-k rows of the last dispatch at the same S; "
            f"useful TF/s counts T*k assigned rows for every row. On CPU XLA lowers ragged_dot densely (every row "
            f"through every expert, masked: E times the FLOPs), so the CPU dropless row measures that lowering; "

@@ -157,7 +157,8 @@ def exchange(operand: Array, output: Array, input_offsets: Array, send_sizes: Ar
     return emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                       axis_name=axis_name)
   output = _vary_like(output, operand)  # a fresh buffer: make it vary over the mesh axes like the rows
-  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name)
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                   axis_name=axis_name)
 
 
 def dropless_experts(payload: Array, table: routing.RoutingTable, expert_weights: dict[str, Array], *,

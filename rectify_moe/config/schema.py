@@ -105,7 +105,8 @@ class MoEConfig:
   activation: Activation = field("swiglu", "'swiglu' (w_gate, w_up, w_down) or 'gelu' (w_up, w_down)",
                                  kind=ARCHITECTURE)
   router: str = field("top_k", "the router, a name of rectify_moe/routers: 'top_k' (learned softmax; vanilla and "
-                               "Rectify variants), 'stablemoe', 'hash', 'expert_choice', 'base_layer'", kind=ARCHITECTURE)
+                               "Rectify variants), 'stablemoe', 'hash', 'expert_choice', 'base_layer'",
+                      kind=ARCHITECTURE)
   router_init_std: float = field(0.02, "std of the normal init of the router kernel", min=0.0)
   # Top-k routing with capacity (routers 'top_k'; greedy top-1 for the others).
   top_k: int = field(1, "k, experts per token", kind=ROUTING, min=1)
