@@ -6,12 +6,15 @@
   python eval.py --workdir=runs/top1 --swap=ir --swap="top_k=2,priority=position" \
       --eval_capacity_factors=0.5,1.0,2.0                   # every router at every capacity factor
   python eval.py --workdir=runs/top1 --config=configs/top1.py --config.train.eval_batches=32
+  python eval.py --workdir=runs/top1 --swap=presets --swap=router=expert_choice,capacity_factor=2 \
+      --eval_capacity_factors=0.5,1.0 --dropless_reference  # distance of every row to dropless routing
 
 --swap takes a preset (vanilla, ir, fr, ir_fr; derived from the checkpoint's k), `key=value,...` routing
 fields of `moe` (top_k, fill_in, ir_mode, ir_capacity_factor, capacity_factor, eval_capacity_factor,
-min_capacity, priority, combine, straight_through, fill_in_priority, dispatch), or a preset followed by
-fields (`ir,ir_capacity_factor=None`). Outputs go to workdir/eval/<step>/: results.json, results.md,
-load_heatmap.png, rates_by_router.png.
+min_capacity, priority, combine, straight_through, fill_in_priority, dispatch; `router` between routers with the
+same parameters: top_k, expert_choice, base_layer), or a preset followed by fields (`ir,ir_capacity_factor=None`).
+Outputs go to workdir/eval/<step>/: results.json, results.md, load_heatmap.png, rates_by_router.png (and
+dropless_gap.png with --dropless_reference).
 """
 
 import sys
@@ -34,6 +37,9 @@ flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eva
 flags.DEFINE_integer("eval_batch_size", None, "Rows per eval batch (default: train.eval_batch_size).")
 flags.DEFINE_string("output_dir", None, "Where to write results (default: workdir/eval/<step>).")
 flags.DEFINE_bool("plots", True, "Write the PNG plots.")
+flags.DEFINE_bool("dropless_reference", False, "Evaluate every router row also dropless on the same batches: the "
+                  "held-out loss gap to dropless and, per MoE layer, the relative L2 distance of the output to the "
+                  "dropless output.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -46,7 +52,7 @@ def main(argv, none_paths):
   sys.exit(evaluation.run_main(config, f.workdir, step=f.step, swaps=f.swap,
                                eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
                                eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
-                               output_dir=f.output_dir, plots=f.plots))
+                               output_dir=f.output_dir, plots=f.plots, dropless_reference=f.dropless_reference))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ Median of repeated samples, each of `inner` back-to-back calls then a device syn
 
   python benchmarks/moe_block.py --shape=cpu_small           # CPU
   python benchmarks/moe_block.py --shape=anchor_e8            # one H100/H200 (anchors.md §6.3)
+  python benchmarks/moe_block.py --shape=cpu_small --dispatch=index --variants=vanilla,ir_fr \
+      --baselines=dropless,expert_choice --name=moe_block_cpu_small_baselines_cpu   # the comparison set
+
+Baselines (--baselines, after the presets): "dropless" (vanilla top-k, moe.dispatch='dropless') and "expert_choice"
+(every expert takes S/E*cf*k tokens), timed against the capacity rows of the last dispatch at the same S
+(time_vs_vanilla, time_vs_ir_fr).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ SHAPES = {
 IR_CAPACITY_FACTOR = 1 / 32
 RECTIFY = variants.PRESETS  # vanilla, ir, fr, ir_fr of the shape's k (rectify_moe/variants.py)
 COLUMNS = ("variant", "dispatch", "group_size", "capacity", "median_ms", "useful_tflops", "ideal_tflops",
-           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "capacity_bmm_ms", "router_ms",
+           "ratio_to_ideal", "ratio_to_ideal_over_cf", "time_vs_vanilla", "time_vs_ir_fr", "capacity_bmm_ms",
+           "router_ms",
            "minus_capacity_bmm_ms", "mask_mb", "peak_mb", "drop_rate", "ir_rate", "ir_reuse_rate",
            "ir_overflow_rate")
 
@@ -88,12 +95,25 @@ def _project(out, cotangent):
   return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
 
 
+def _variant_fields(shape, variant, dispatch):
+  """The `moe` fields of a benchmark variant: a rectification preset of the shape's k, or a baseline: "dropless"
+  (vanilla top-k, dispatch="dropless") or "expert_choice" (each expert C = S / E * cf * k tokens: the same
+  capacity buffers as the top-k rows)."""
+  if variant == "dropless":
+    return dict(top_k=shape["top_k"], capacity_factor=shape["capacity_factor"], dispatch="dropless",
+                **variants.rectification(shape["top_k"], "vanilla"))
+  if variant == "expert_choice":
+    return dict(router="expert_choice", top_k=1, capacity_factor=shape["capacity_factor"] * shape["top_k"],
+                dispatch=dispatch)
+  return dict(top_k=shape["top_k"], capacity_factor=shape["capacity_factor"], dispatch=dispatch,
+              **variants.rectification(shape["top_k"], variant))
+
+
 def block_time(shape, variant, dispatch, group_size, *, dtype, ir_capacity_factor, warmup, repeats, inner):
-  cfg = MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], top_k=shape["top_k"],
-                      capacity_factor=shape["capacity_factor"], group_size=group_size, activation="gelu",
-                      dispatch=dispatch, dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
-                      combine="normalized", ir_capacity_factor=ir_capacity_factor,
-                      **variants.rectification(shape["top_k"], variant))
+  cfg = MoEConfig(num_experts=shape["num_experts"], expert_dim=shape["expert_dim"], group_size=group_size,
+                  activation="gelu", dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
+                  combine="normalized", ir_capacity_factor=ir_capacity_factor,
+                  **_variant_fields(shape, variant, dispatch))
   x, router, weights = _inputs(shape, dtype)
   mask = jnp.ones(x.shape[:2], bool)
 
@@ -168,9 +188,15 @@ def router_time(shape, variant, group_size, *, dtype, ir_capacity_factor, warmup
   return common.time_fn(lambda: step(xg, router), warmup=warmup, repeats=repeats, inner=inner)
 
 
+BASELINES = ("dropless", "expert_choice")  # rows after the rectification presets (see `_variant_fields`)
+
+
 def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), dtype=None, warmup=2,
-        repeats=5, inner=None, ir_capacity_factor=IR_CAPACITY_FACTOR, out_dir=None, name=None):
-  shape = SHAPES[shape_name]
+        repeats=5, inner=None, ir_capacity_factor=IR_CAPACITY_FACTOR, out_dir=None, name=None,
+        baselines=(), group_sizes=None):
+  shape = dict(SHAPES[shape_name])
+  if group_sizes:
+    shape["group_sizes"] = tuple(group_sizes)
   gpu = jax.default_backend() == "gpu"
   dtype = dtype or (jnp.bfloat16 if gpu else jnp.float32)
   inner = inner or common.default_inner()
@@ -179,41 +205,59 @@ def run(shape_name, *, variants=tuple(RECTIFY), dispatches=("einsum", "index"), 
   ideal = ideal_time(shape, **timing_args)
   ideal_tflops = useful_flops / ideal["median_s"] / 1e12
   print(f"[{shape_name}] ideal balanced bmm: {ideal['median_s'] * 1e3:.2f} ms, {ideal_tflops:.2f} TF/s", flush=True)
-  rows, vanilla_ms = [], {}
+  rows, vanilla_ms, ir_fr_ms = [], {}, {}
   for group_size in shape["group_sizes"]:
     capacity_bmm_ms = capacity_bmm_time(shape, group_size, **timing_args)["median_s"] * 1e3
     router_ms = {v: router_time(shape, v, group_size, ir_capacity_factor=ir_capacity_factor,
                                 **timing_args)["median_s"] * 1e3 for v in variants}
+    # Baselines are compared with the capacity rows of the last dispatch (index when both run).
+    runs = [(d, v) for d in dispatches for v in variants]
+    runs += [("dropless", "dropless")] if "dropless" in baselines else []
+    runs += [(d, "expert_choice") for d in dispatches] if "expert_choice" in baselines else []
     print(f"  S={group_size:5d} experts alone on the capacity buffers: {capacity_bmm_ms:.2f} ms; router alone: "
           + ", ".join(f"{v} {ms:.2f} ms" for v, ms in router_ms.items()), flush=True)
-    for dispatch in dispatches:
-      for variant in variants:
-        cfg, timing, stats = block_time(shape, variant, dispatch, group_size,
-                                        ir_capacity_factor=ir_capacity_factor, **timing_args)
-        ms = timing["median_s"] * 1e3
-        if variant == "vanilla":
-          vanilla_ms[(dispatch, group_size)] = ms
-        capacity = cfg.capacity(True)
-        mask_elems = 2 * shape["tokens"] * shape["num_experts"] * capacity  # dispatch + combine, [G,S,E,C]
-        useful = useful_flops / timing["median_s"] / 1e12
-        peak = common.peak_memory_bytes()
-        row = {"shape": shape_name, "variant": variant, "dispatch": dispatch, "group_size": group_size,
-               "capacity": capacity, "median_ms": ms, "min_ms": timing["min_s"] * 1e3,
-               "useful_tflops": useful, "ideal_tflops": ideal_tflops, "ratio_to_ideal": useful / ideal_tflops,
-               "ratio_to_ideal_over_cf": useful / (ideal_tflops / shape["capacity_factor"]),
-               "time_vs_vanilla": ms / vanilla_ms.get((dispatch, group_size), ms),
-               "capacity_bmm_ms": capacity_bmm_ms, "router_ms": router_ms[variant],
-               "minus_capacity_bmm_ms": ms - capacity_bmm_ms,
-               "mask_mb": mask_elems * jnp.dtype(dtype).itemsize / 2**20 if dispatch == "einsum" else 0.0,
-               "peak_mb": None if peak is None else peak / 2**20, **stats}
-        rows.append(row)
-        print(f"  S={group_size:5d} {dispatch:6s} {variant:7s} {ms:9.2f} ms  {useful:7.2f} useful TF/s  "
-              f"x{row['ratio_to_ideal']:.2f} of ideal  x{row['time_vs_vanilla']:.2f} vs vanilla", flush=True)
+    for dispatch, variant in runs:
+      cfg, timing, stats = block_time(shape, variant, dispatch, group_size,
+                                      ir_capacity_factor=ir_capacity_factor, **timing_args)
+      ms = timing["median_s"] * 1e3
+      if variant == "vanilla":
+        vanilla_ms[(dispatch, group_size)] = vanilla_ms[("last", group_size)] = ms
+      if variant == "ir_fr":
+        ir_fr_ms[(dispatch, group_size)] = ir_fr_ms[("last", group_size)] = ms
+      row_key = (dispatch, group_size) if variant in variants else ("last", group_size)
+      capacity = cfg.capacity(True)
+      mask_elems = 2 * shape["tokens"] * shape["num_experts"] * capacity  # dispatch + combine, [G,S,E,C]
+      useful = useful_flops / timing["median_s"] / 1e12
+      peak = common.peak_memory_bytes()
+      row = {"shape": shape_name, "variant": variant, "dispatch": dispatch, "group_size": group_size,
+             "capacity": capacity, "median_ms": ms, "min_ms": timing["min_s"] * 1e3,
+             "useful_tflops": useful, "ideal_tflops": ideal_tflops, "ratio_to_ideal": useful / ideal_tflops,
+             "ratio_to_ideal_over_cf": useful / (ideal_tflops / shape["capacity_factor"]),
+             "time_vs_vanilla": None, "time_vs_ir_fr": None, "_against": row_key,
+             "capacity_bmm_ms": capacity_bmm_ms, "router_ms": router_ms.get(variant),
+             "minus_capacity_bmm_ms": ms - capacity_bmm_ms,
+             "mask_mb": mask_elems * jnp.dtype(dtype).itemsize / 2**20 if dispatch == "einsum" else 0.0,
+             "peak_mb": None if peak is None else peak / 2**20, **stats}
+      rows.append(row)
+      vs = ms / vanilla_ms[row_key] if row_key in vanilla_ms else None
+      print(f"  S={group_size:5d} {dispatch:8s} {variant:13s} {ms:9.2f} ms  {useful:7.2f} useful TF/s  "
+            f"x{row['ratio_to_ideal']:.2f} of ideal" + ("" if vs is None else f"  x{vs:.2f} vs vanilla"), flush=True)
+  for row in rows:  # against the capacity rows of the same dispatch (baselines: the last dispatch) and S
+    key = row.pop("_against")
+    row["time_vs_vanilla"] = row["median_ms"] / vanilla_ms[key] if key in vanilla_ms else None
+    row["time_vs_ir_fr"] = row["median_ms"] / ir_fr_ms[key] if key in ir_fr_ms else None
   notes = (f"Shape {shape_name}: {shape}; dtype {jnp.dtype(dtype).name}; IR buffer ir_capacity_factor="
            f"{ir_capacity_factor} (IR mode 'any', 'ignore_kth' with FR); forward+backward of one block on one "
            f"device (no all-to-all); median of {repeats} samples of {inner} back-to-back calls after {warmup} warm-up "
            f"calls. capacity_bmm_ms: the experts alone on full capacity buffers [E, G, C, D]; router_ms: routing "
-           f"alone; minus_capacity_bmm_ms = median_ms - capacity_bmm_ms (both timed separately)."
+           f"alone; minus_capacity_bmm_ms = median_ms - capacity_bmm_ms (both timed separately). Baselines: "
+           f"'dropless' = vanilla top-k with moe.dispatch='dropless' (every choice computed: sorted rows and "
+           f"ragged_dot); 'expert_choice' = each expert takes C = S/E*cf*k tokens (the same buffers as the top-k "
+           f"rows); "
+           f"their time_vs_vanilla / time_vs_ir_fr compare with the top-k rows of the last dispatch at the same S; "
+           f"useful TF/s counts T*k assigned rows for every row. On CPU XLA lowers ragged_dot densely (every row "
+           f"through every expert, masked: E times the FLOPs), so the CPU dropless row measures that lowering; "
+           f"on GPU ragged_dot is a grouped matmul."
            + ("" if jax.default_backend() == "gpu" else " CPU-only figures: not comparable with the GPU anchors."))
   common.write_results(name or f"moe_block_{shape_name}_{jax.default_backend()}", rows, COLUMNS, notes,
                        out_dir=out_dir)
@@ -231,12 +275,16 @@ def main(argv=None):
                       "(default 5 on GPU, 1 on CPU)")
   parser.add_argument("--ir_capacity_factor", type=float, default=IR_CAPACITY_FACTOR,
                       help="IR buffer size (see IR_CAPACITY_FACTOR); the ir_overflow_rate column shows what it lost")
+  parser.add_argument("--baselines", default=",".join(BASELINES),
+                      help="baseline rows after the presets: dropless, expert_choice ('' = none)")
+  parser.add_argument("--group_sizes", default=None, help="comma-separated group sizes (default: the shape's)")
   parser.add_argument("--out", default=None)
   parser.add_argument("--name", default=None, help="result file name (default moe_block_<shape>_<backend>)")
   args = parser.parse_args(argv)
   run(args.shape, variants=tuple(args.variants.split(",")), dispatches=tuple(args.dispatch.split(",")),
       warmup=args.warmup, repeats=args.repeats, inner=args.inner, ir_capacity_factor=args.ir_capacity_factor,
-      out_dir=args.out, name=args.name)
+      out_dir=args.out, name=args.name, baselines=tuple(b for b in args.baselines.split(",") if b),
+      group_sizes=None if args.group_sizes is None else tuple(int(g) for g in args.group_sizes.split(",")))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Each device:
      tokens go through the device's own experts in a static IR buffer (no collective) and are blended in; with
      index dispatch, a device that holds every expert (expert axis 1) puts the IR slots behind the routed slots of
      each expert's buffer and combines both in one weighted sum;
+  Under `moe.dispatch="dropless"` steps 2-4 are `dropless.dropless_experts` (rows sorted by expert, grouped matmuls,
+  a ragged all-to-all across expert shards; no capacity buffers);
   6. returns y and the global metrics: {"losses": global losses, "counts": psum-ed counts} (rates from counts:
      `metrics.rates`).
 
@@ -31,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from rectify_moe import intra_device, routers, routing, sharding
+from rectify_moe import dropless, intra_device, routers, routing, sharding
 from rectify_moe.config.schema import MoEConfig
 from rectify_moe.dispatch import combine_outputs, dispatch_tokens, expert_ffn, expert_ffn_joint
 from rectify_moe.routers.base import RouteContext, Router
@@ -78,8 +80,8 @@ def applicable_config(cfg: MoEConfig) -> tuple[MoEConfig, list[str]]:
 
 
 def describe(cfg: MoEConfig) -> str:
-  """'Top-1+IR(all)+FR' style name of a router config."""
-  return routers.get(cfg.router).describe(cfg)
+  """'Top-1+IR(all)+FR' style name of a router config ('Top-2 dropless' under `moe.dispatch="dropless"`)."""
+  return routers.get(cfg.router).describe(cfg) + (" dropless" if cfg.dispatch == "dropless" else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +233,8 @@ def moe_shard_body(x: Array, token_mask: Array, router: Router, expert_weights: 
   num_local = num_experts // expert_axis_size
   groups = batch * seq // group_size
   payload_dtype = DTYPES[cfg.dtype]
-  capacity = cfg.capacity(train)
+  # Dropless: the router places choices in a whole-group capacity (nothing refused); no buffers are built.
+  capacity = group_size if cfg.dispatch == "dropless" else cfg.capacity(train)
   sharded = expert_axis is not None and expert_axis_size > 1
   first_expert = jax.lax.axis_index(expert_axis) * num_local if sharded else 0
 
@@ -254,6 +257,15 @@ def moe_shard_body(x: Array, token_mask: Array, router: Router, expert_weights: 
   def routed(payload):
     """Dispatch, all_to_all, experts, all_to_all back, combine; IR on the device's own experts (no collective),
     its rows run through the experts in the same pass as the main ones."""
+    if cfg.dispatch == "dropless":
+      with jax.named_scope("dropless"):
+        y = dropless.dropless_experts(payload, table, expert_weights, activation=cfg.activation,
+                                      num_experts=num_experts, expert_axis=expert_axis if sharded else None,
+                                      expert_axis_size=expert_axis_size)
+      # Every accepted choice is one row through the experts (and, sharded, through the ragged exchange).
+      rows = jnp.sum(table.slot >= 0, dtype=jnp.float32)
+      counts = {**routed_out.counts, **_ir_counts(None), **buffer_counts(rows, rows)}
+      return y, jax.tree.map(lambda v: v + varying_zero, counts)
     ir = None
     if cfg.ir_mode is not None:
       with jax.named_scope("rectify"):
@@ -334,6 +346,27 @@ def reduce_metrics(local: dict[str, dict[str, Array]], axes: tuple[str, ...] = (
   return {"losses": losses, "counts": counts}
 
 
+def dropless_distance(y: Array, x: Array, token_mask: Array, token_ids: Array, router: Router,
+                      expert_weights: dict[str, Array], *, cfg: MoEConfig, train: bool, expert_axis_size: int,
+                      step: Array, d_model: int, vocab_size: int) -> dict[str, Array]:
+  """This device's squared distance of the block output y to the dropless output of the same input x (the
+  dropless reference, `dropless.reference_config`), over its valid tokens: {"dropless_sq_dist": sum ||y - y_ref||^2,
+  "dropless_sq_norm": sum ||y_ref||^2} (float32 scalars; psum-ed with the counts; their ratio's root is the
+  relative L2 distance)."""
+  ref_cfg = dropless.reference_config(cfg)
+  ref_router = router
+  if ref_cfg.router != cfg.router:  # Expert Choice: the token-choice router on the same kernel
+    ref_router = router_from_arrays(ref_cfg, {"kernel": router.kernel[...]}, d_model=d_model, vocab_size=vocab_size)
+  with jax.named_scope("dropless_reference"):
+    y_ref, _ = moe_shard_body(x, token_mask, ref_router, expert_weights, cfg=ref_cfg, train=train,
+                              expert_axis_size=expert_axis_size, token_ids=token_ids, step=step,
+                              reduce_axes=sharding.AXES)
+  valid = token_mask.astype(jnp.float32)[..., None]
+  y_ref = y_ref.astype(jnp.float32) * valid
+  diff = y.astype(jnp.float32) * valid - y_ref
+  return {"dropless_sq_dist": jnp.sum(diff * diff), "dropless_sq_norm": jnp.sum(y_ref * y_ref)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The NNX module.
 # ---------------------------------------------------------------------------------------------------------
@@ -362,6 +395,9 @@ class MoEBlock(nnx.Module):
           f"axis that divides {cfg.num_experts}.")
     self.cfg = cfg
     self.d_model = d_model
+    self.vocab_size = vocab_size
+    # eval.py --dropless_reference: also compute the dropless output of the same input (`dropless_distance`).
+    self.dropless_reference = False
     self.router = build_router(cfg, d_model=d_model, vocab_size=vocab_size, rngs=rngs, **(prepared or {}))
     e, d, f = cfg.num_experts, d_model, cfg.expert_dim
     init_in = nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -397,7 +433,8 @@ class MoEBlock(nnx.Module):
       y [B, T, D] (x.dtype) and the global metrics (replicated float32): "losses" {name: value} (the router's,
       e.g. "aux_loss", "z_loss") and "counts" {name: sum}: "tokens", "dropped_choices", "unrouted_tokens",
       "filled_slots", "fill_in_slots", "slots", "ir_rectified", "ir_reused", "ir_overflow", "a2a_rows",
-      "group_tokens", "devices", "gating_dropped_devices", "expert_demand" [E], "expert_load" [E].
+      "group_tokens", "devices", "gating_dropped_devices", "expert_demand" [E], "expert_load" [E]; with
+      `dropless_reference` set also "dropless_sq_dist" and "dropless_sq_norm" (`dropless_distance`).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or set(mesh.axis_names) != set(sharding.AXES):
@@ -429,6 +466,10 @@ class MoEBlock(nnx.Module):
       router = nnx.merge(router_graph, router_state_l)
       y_l, local = moe_shard_body(x_l, mask_l, router, weights_l, cfg=cfg, train=train, expert_axis_size=n_exp,
                                   token_ids=ids_l, step=step_l, drop=drop_l, reduce_axes=sharding.AXES)
+      if self.dropless_reference:
+        local["counts"].update(dropless_distance(y_l, x_l, mask_l, ids_l, router, weights_l, cfg=cfg, train=train,
+                                                 expert_axis_size=n_exp, step=step_l, d_model=self.d_model,
+                                                 vocab_size=self.vocab_size))
       return y_l, reduce_metrics(local, sharding.AXES)
 
     weight_specs = {name: sharding.expert_spec(3) for name in weights}

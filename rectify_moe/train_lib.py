@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, sharding, upcycle
+from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, routers, sharding, upcycle
 from rectify_moe import data as data_lib
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
@@ -258,6 +258,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   if unused:
     log.warning(f"moe.router={cfg.moe.router!r} routes greedily to one expert; running without "
                 f"{', '.join(unused)}.")
+  caveat = getattr(routers.get(cfg.moe.router), "training_caveat", None) if cfg.model.num_moe_layers else None
+  if caveat:
+    log.warning(caveat)
   distributed.maybe_initialize(cfg)
   mesh_shape = validate_config(cfg)
   paths = Workdir(workdir)

@@ -52,9 +52,18 @@ def paper_overrides(name: str) -> dict[str, Any]:
   return {**PAPER_VARIANTS[name], **PAPER_DEFAULTS}
 
 
-# Every named variant a study or a benchmark can run: name -> all its `moe` overrides (the paper's eight so far;
-# baselines join here).
-VARIANTS: dict[str, dict[str, Any]] = {name: paper_overrides(name) for name in PAPER_VARIANTS}
+# The comparison set (docs/methods.md): dropless top-k (every choice computed), Expert Choice and BASE layers.
+_NO_RECTIFICATION = dict(fill_in=False, ir_mode=None, ir_capacity_factor=None, straight_through=False)
+BASELINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "top1_dropless": {**paper_overrides("top1"), "dispatch": "dropless"},
+    "top2_dropless": {**paper_overrides("top2"), "dispatch": "dropless"},
+    "expert_choice": dict(router="expert_choice", top_k=1, **_NO_RECTIFICATION),
+    "base_layer": dict(router="base_layer", top_k=1, **_NO_RECTIFICATION),
+}
+
+# Every named variant a study or a benchmark can run: name -> all its `moe` overrides.
+VARIANTS: dict[str, dict[str, Any]] = {**{name: paper_overrides(name) for name in PAPER_VARIANTS},
+                                       **BASELINE_VARIANTS}
 
 
 def overrides(name: str) -> dict[str, Any]:

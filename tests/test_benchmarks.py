@@ -34,6 +34,16 @@ def test_moe_block_benchmark_tiny(tmp_path):
   assert "useful_tflops" in (tmp_path / "block.md").read_text()
 
 
+def test_moe_block_benchmark_baseline_rows(tmp_path):
+  rows = moe_block.run("tiny", variants=("vanilla", "ir_fr"), dispatches=("index",), warmup=1, repeats=1,
+                       out_dir=str(tmp_path), name="block", baselines=("dropless", "expert_choice"))
+  assert [(r["variant"], r["dispatch"]) for r in rows] == [("vanilla", "index"), ("ir_fr", "index"),
+                                                          ("dropless", "dropless"), ("expert_choice", "index")]
+  for row in rows[2:]:
+    assert row["time_vs_vanilla"] > 0 and row["time_vs_ir_fr"] > 0 and row["useful_tflops"] > 0
+  assert rows[2]["drop_rate"] == 0 and rows[0]["drop_rate"] > 0
+
+
 def test_train_step_benchmark_tiny(tmp_path):
   overrides = {"model": dict(num_layers=2, d_model=32, num_heads=2, d_ff=64),
                "moe": dict(expert_dim=32, group_size=32), "train": dict(batch_size=8, seq_len=32),

@@ -32,7 +32,7 @@ from rectify_moe.routers import base, top_k
 # Registry.
 # ---------------------------------------------------------------------------------------------------------
 def test_registry_names_every_router_module():
-  assert routers.names() == ("top_k", "stablemoe", "hash")
+  assert routers.names() == ("top_k", "stablemoe", "hash", "expert_choice", "base_layer")
   for name in routers.names():
     assert issubclass(routers.get(name), base.Router)
     MoEConfig(router=name).validate()

@@ -14,12 +14,12 @@ import ml_collections
 
 from rectify_moe import routing
 from rectify_moe.config.fields import ARCHITECTURE, ROUTING, ConfigError, field, fields_of, from_mapping, to_config_dict
-from rectify_moe import routers
+from rectify_moe import dropless, routers
 from rectify_moe.routers.hash_layers import HashTableKind
 from rectify_moe.routing import CombineMode, FillInPriority, IRMode, Priority
 
 Activation = Literal["swiglu", "gelu"]
-Dispatch = Literal["einsum", "index"]
+Dispatch = Literal["einsum", "index", "dropless"]
 DType = Literal["float32", "bfloat16"]
 GatingDropoutMode = Literal["gate_drop", "gate_expert_drop"]
 GatingDropoutWeight = Literal["one", "prob"]
@@ -105,7 +105,8 @@ class MoEConfig:
   activation: Activation = field("swiglu", "'swiglu' (w_gate, w_up, w_down) or 'gelu' (w_up, w_down)",
                                  kind=ARCHITECTURE)
   router: str = field("top_k", "the router, a name of rectify_moe/routers: 'top_k' (learned softmax; vanilla and "
-                               "Rectify variants), 'stablemoe', 'hash'", kind=ARCHITECTURE)
+                               "Rectify variants), 'stablemoe', 'hash', 'expert_choice', 'base_layer'",
+                      kind=ARCHITECTURE)
   router_init_std: float = field(0.02, "std of the normal init of the router kernel", min=0.0)
   # Top-k routing with capacity (routers 'top_k'; greedy top-1 for the others).
   top_k: int = field(1, "k, experts per token", kind=ROUTING, min=1)
@@ -152,7 +153,8 @@ class MoEConfig:
                                               "training data)")
   # Execution.
   group_size: int = field(256, "S, tokens per routing group (must divide the tokens of each device)", min=1)
-  dispatch: Dispatch = field("einsum", "'einsum' (one-hot masks) or 'index' (gathers both ways; faster on GPU)",
+  dispatch: Dispatch = field("einsum", "'einsum' (one-hot masks), 'index' (gathers both ways; faster on GPU) or "
+                                      "'dropless' (every top-k choice computed, capacity factors ignored; no IR/FR)",
                              kind=ROUTING)
   dtype: DType = field("float32", "expert compute and all-to-all payload dtype; the router is float32")
   eps: float = field(1e-9, "floor of normalizers", min=0.0)
@@ -181,6 +183,7 @@ class MoEConfig:
       raise ConfigError(f"moe.straight_through needs top-1 without fill-in (K=1), got K={self.num_choices}; set it "
                         "False.")
     routers.validate(self)
+    dropless.validate(self)
     try:
       self.capacity(True), self.capacity(False)
     except ValueError as e:

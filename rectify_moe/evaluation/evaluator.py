@@ -24,6 +24,8 @@ from rectify_moe import lm_loss, metrics, sharding
 Array = jax.Array
 BATCH_KEYS = ("inputs", "targets", "token_mask")
 
+# The MoE block's counts of the dropless reference (`moe.dropless_distance`).
+DROPLESS_COUNTS = ("dropless_sq_dist", "dropless_sq_norm")
 # Per-layer values averaged over the MoE layers in a result's "mean".
 LAYER_MEAN_KEYS = (*metrics.RATE_KEYS, "load_max_over_mean", "load_cv", "demand_max_over_mean", "demand_cv")
 
@@ -115,6 +117,7 @@ def summarize(totals: dict[str, Any], moe_layer_indices: Sequence[int] = (),
   layers = []
   for i, layer in enumerate(moe_layer_indices):
     c = {k: v[i] for k, v in counts.items()}
+    reference = {k: float(c.pop(k)) for k in DROPLESS_COUNTS if k in c}
     tokens = max(float(c["tokens"]), 1.0)
     load, demand = c["expert_load"], c["expert_demand"]
     layers.append({
@@ -129,6 +132,10 @@ def summarize(totals: dict[str, Any], moe_layer_indices: Sequence[int] = (),
         "a2a_filled_rows_per_token": float(c["filled_slots"]) / tokens,
         **{k: float(v[i]) / tokens for k, v in loss_sums.items()},
     })
+    if reference:  # eval.py --dropless_reference: relative L2 distance of the output to the dropless one
+      layers[-1]["dropless_rel_l2"] = float(np.sqrt(reference["dropless_sq_dist"]
+                                                    / max(reference["dropless_sq_norm"], 1e-30)))
   result["layers"] = layers
-  result["mean"] = {k: float(np.mean([layer[k] for layer in layers])) for k in LAYER_MEAN_KEYS} if layers else {}
+  mean_keys = LAYER_MEAN_KEYS + (("dropless_rel_l2",) if layers and "dropless_rel_l2" in layers[0] else ())
+  result["mean"] = {k: float(np.mean([layer[k] for layer in layers])) for k in mean_keys} if layers else {}
   return result

@@ -24,6 +24,9 @@ def comparison_table(results: Mapping[str, Any]) -> str:
   """One markdown table: rows = routers; loss, ppl, accuracy, routing rates (mean over MoE layers), imbalance."""
   header = ["router", "cf", "loss", "ppl", "accuracy", *[label for _, label in RATE_COLUMNS], "IR overflow",
             "imbalance (max/mean)", "a2a rows/token"]
+  reference = bool(results.get("dropless_reference"))
+  if reference:
+    header += ["loss - dropless", "rel. L2 to dropless"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in results["routers"]:
     mean = row.get("mean") or {}
@@ -31,6 +34,8 @@ def comparison_table(results: Mapping[str, Any]) -> str:
              _fmt(row["loss"]), _fmt(row["perplexity"], 2), _fmt(row["accuracy"]),
              *[_fmt(mean.get(key)) for key, _ in RATE_COLUMNS], _fmt(mean.get("ir_overflow_rate")),
              _fmt(mean.get("load_max_over_mean"), 3), _fmt(mean.get("a2a_rows_per_token"), 3)]
+    if reference:
+      cells += [_fmt(row.get("dropless_loss_gap")), _fmt(mean.get("dropless_rel_l2"))]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -39,6 +44,9 @@ def layer_table(row: Mapping[str, Any]) -> str:
   """Per-MoE-layer routing statistics of one router (markdown)."""
   header = ["layer", "C", "drop", "unrouted", "pad", "fill-in slots (rate)", "IR tokens", "IR overflow",
             "load max/mean", "load CV", "demand max/mean", "a2a rows/token", "expert load"]
+  reference = bool(row["layers"]) and "dropless_rel_l2" in row["layers"][0]
+  if reference:
+    header.append("rel. L2 to dropless")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for layer in row["layers"]:
     cells = [str(layer["layer"]), str(layer["capacity"]), _fmt(layer["drop_rate"]), _fmt(layer["unrouted_rate"]),
@@ -47,6 +55,8 @@ def layer_table(row: Mapping[str, Any]) -> str:
              f"{layer['ir_overflow']} ({_fmt(layer['ir_overflow_rate'])})",
              _fmt(layer["load_max_over_mean"], 3), _fmt(layer["load_cv"], 3), _fmt(layer["demand_max_over_mean"], 3),
              _fmt(layer["a2a_rows_per_token"], 3), " ".join(map(str, layer["expert_load"]))]
+    if reference:
+      cells.append(_fmt(layer["dropless_rel_l2"]))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -62,6 +72,10 @@ def markdown_report(results: Mapping[str, Any]) -> str:
       f"- held-out: {results['eval_batches']} batches x {results['eval_batch_size']} x {results['seq_len']} "
       f"({results['routers'][0]['tokens'] if results['routers'] else 0} target tokens)",
       "- rates are means over the MoE layers; imbalance = max / mean of the accepted per-expert load",
+      *(["- dropless reference: every row also evaluated with the same router dropless (no capacity, no IR/FR; "
+         "Expert Choice: token-choice top-k on its gate) on the same batches; `loss - dropless` is the held-out loss "
+         "gap, `rel. L2 to dropless` the mean over MoE layers of ||y - y_dropless|| / ||y_dropless|| of each layer's "
+         "output on the same input"] if results.get("dropless_reference") else []),
       "",
       "## Routers",
       "",
@@ -135,6 +149,34 @@ def plot_rates(results: Mapping[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def plot_dropless_gap(results: Mapping[str, Any], path: str) -> None:
+  """Per router: relative L2 distance of each MoE layer's output to the dropless output (bars per layer), and the
+  held-out loss gap to dropless (markers, right axis)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for r in results["routers"] if r["layers"] and "dropless_rel_l2" in r["layers"][0]]
+  num_layers = len(rows[0]["layers"])
+  x = np.arange(len(rows))
+  width = 0.8 / num_layers
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+  for j in range(num_layers):
+    ax.bar(x + (j - (num_layers - 1) / 2) * width, [r["layers"][j]["dropless_rel_l2"] for r in rows], width,
+           label=f"layer {rows[0]['layers'][j]['layer']}")
+  ax.set_ylabel("||y - y_dropless|| / ||y_dropless||")
+  ax.set_xticks(x, [r["name"] for r in rows], rotation=25, ha="right", fontsize=8)
+  gap = ax.twinx()
+  gap.plot(x, [r["dropless_loss_gap"] for r in rows], "kD", label="loss - dropless loss")
+  gap.axhline(0.0, color="k", lw=0.5)
+  gap.set_ylabel("held-out loss - dropless loss")
+  handles = ax.get_legend_handles_labels()[0] + gap.get_legend_handles_labels()[0]
+  ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
+  ax.set_title(f"Distance to dropless routing, step {results['step']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_outputs(results: Mapping[str, Any], out_dir: str, *, plots: bool = True) -> list[str]:
   """results.json, results.md and (for MoE models) load_heatmap.png and rates_by_router.png."""
   os.makedirs(out_dir, exist_ok=True)
@@ -148,4 +190,7 @@ def write_outputs(results: Mapping[str, Any], out_dir: str, *, plots: bool = Tru
     plot_load_heatmap(results, paths[-1])
     paths.append(os.path.join(out_dir, "rates_by_router.png"))
     plot_rates(results, paths[-1])
+    if results.get("dropless_reference"):
+      paths.append(os.path.join(out_dir, "dropless_gap.png"))
+      plot_dropless_gap(results, paths[-1])
   return paths

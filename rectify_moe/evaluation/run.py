@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from rectify_moe import checkpoints, distributed, sharding
+from rectify_moe import dropless as dropless_lib
 from rectify_moe import log as log_lib
 from rectify_moe.log import one_line
 from rectify_moe import data as data_lib
@@ -170,7 +171,8 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
                         swaps: Sequence[str] = (), eval_capacity_factors: Sequence[float] = (),
                         mesh_shape: Optional[Sequence[int]] = None, eval_batches: Optional[int] = None,
                         eval_batch_size: Optional[int] = None, output_dir: Optional[str] = None,
-                        write: bool = True, plots: bool = True, log: Log = log_lib.info) -> dict[str, Any]:
+                        write: bool = True, plots: bool = True, dropless_reference: bool = False,
+                        log: Log = log_lib.info) -> dict[str, Any]:
   """Evaluates one checkpoint under its own router and every swap; writes results (see module doc).
 
   Args:
@@ -187,6 +189,9 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     output_dir: where to write (None = workdir/eval/<step>).
     write: write results.json, results.md and plots.
     plots: write the PNG plots.
+    dropless_reference: evaluate every router row also dropless (`dropless.reference_config`) on the same batches:
+      the row's "dropless_loss" and "dropless_loss_gap" (loss - dropless loss), and per MoE layer "dropless_rel_l2",
+      the relative L2 distance of the layer's output to the dropless output of the same input.
     log: progress sink.
 
   Returns:
@@ -240,18 +245,30 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
 
   rows: list[dict[str, Any]] = []
   done: dict[Any, dict[str, Any]] = {}
+
+  def evaluate(moe_cfg, label, *, reference=False):
+    key = (moe_cfg, reference)
+    if key in done:
+      log(f"[eval] {label}: same router as an earlier row, reusing its results")
+      return done[key]
+    router_graphdef = graphdef if moe_cfg == base_moe else model_lib.abstract_model(cfg, mesh, moe_cfg)[0]
+    if reference:
+      router_graphdef = with_dropless_reference(router_graphdef, state)
+    evaluator = Evaluator(router_graphdef, state_shardings, mesh)
+    progress = lambda i, n, t: log(f"[eval] {label}: batch {i}/{n}  ({t:.1f}s)")
+    done[key] = evaluator(state, batches, moe_layer_indices=moe_layers,
+                          capacity=moe_cfg.capacity(False) if moe_cfg is not None else None, progress=progress)
+    return done[key]
+
   for index, router in enumerate(routers, start=1):
     label = f"router {index}/{len(routers)} {router.label}"
-    if router.moe in done:
-      log(f"[eval] {label}: same router as an earlier row, reusing its results")
-      result = done[router.moe]
-    else:
-      router_graphdef = graphdef if not router.overrides else model_lib.abstract_model(cfg, mesh, router.moe)[0]
-      evaluator = Evaluator(router_graphdef, state_shardings, mesh)
-      progress = lambda i, n, t, label=label: log(f"[eval] {label}: batch {i}/{n}  ({t:.1f}s)")
-      result = evaluator(state, batches, moe_layer_indices=moe_layers,
-                         capacity=router.moe.capacity(False) if router.moe is not None else None, progress=progress)
-      done[router.moe] = result
+    reference = dropless_reference and router.moe is not None
+    result = dict(evaluate(router.moe, label, reference=reference))
+    if reference:
+      ref_cfg = dropless_lib.reference_config(router.moe)
+      ref = evaluate(ref_cfg, f"{label} (dropless reference {moe_lib.describe(ref_cfg)})")
+      result.update(dropless_loss=ref["loss"], dropless_loss_gap=result["loss"] - ref["loss"],
+                    dropless_router=moe_lib.describe(ref_cfg))
     rows.append({
         "name": router.label,
         "router": moe_lib.describe(router.moe) if router.moe is not None else "dense",
@@ -274,6 +291,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
       "moe_layers": moe_layers,
       "model": fields.as_dict(cfg.model),
       "checkpoint_moe": fields.as_dict(base_moe) if base_moe is not None else None,
+      "dropless_reference": bool(dropless_reference),
       "routers": rows,
   }
   table = report.comparison_table(results)
@@ -285,6 +303,15 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     results["outputs"] = written
     log(f"Wrote {', '.join(os.path.basename(p) for p in written)} to {os.path.abspath(out)}.")
   return results
+
+
+def with_dropless_reference(graphdef: Any, state: Any) -> Any:
+  """The graphdef of the same model whose MoE blocks also compute their dropless output and its distance
+  (`moe.dropless_distance`)."""
+  model = nnx.merge(graphdef, state)
+  for block in model.moe_blocks():
+    block.dropless_reference = True
+  return nnx.graphdef(model)
 
 
 def log_line(error: BaseException) -> str:

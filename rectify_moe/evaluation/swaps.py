@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from rectify_moe import moe as moe_lib
-from rectify_moe import log, variants
+from rectify_moe import log, routers, variants
 from rectify_moe.config import fields
 from rectify_moe.config.schema import ModelConfig, MoEConfig
 
@@ -82,6 +82,9 @@ def parse_swap(spec: str, base: MoEConfig) -> dict[str, Any]:
       continue
     key, value = (s.strip() for s in token.split("=", 1))
     key = key[len("moe."):] if key.startswith("moe.") else key
+    if key == "router":
+      explicit["router"] = _router_swap(spec, _parse_value(value), base)
+      continue
     if key not in ROUTING_FIELDS:
       for section, names in ARCHITECTURE_FIELDS.items():
         if key in names:
@@ -103,11 +106,28 @@ def parse_swap(spec: str, base: MoEConfig) -> dict[str, Any]:
   if "capacity_factor" in explicit and "eval_capacity_factor" not in explicit:
     explicit["eval_capacity_factor"] = explicit["capacity_factor"]
   overrides.update(explicit)
+  if "router" in overrides:  # a greedy / expert-choice router takes no top-k or rectification: turn them off
+    swapped, _ = routers.applicable(dataclasses.replace(base, **overrides))
+    overrides.update({k: getattr(swapped, k) for k in routers.RECTIFIABLE_ONLY if getattr(swapped, k) !=
+                      overrides.get(k, getattr(base, k))})
   # K > 1 cannot use the top-1 straight-through combine: fall back to normalized unless asked explicitly.
   k = overrides.get("top_k", base.top_k) + int(overrides.get("fill_in", base.fill_in))
   if k != 1 and overrides.get("straight_through", base.straight_through) and "straight_through" not in explicit:
     overrides["straight_through"] = False
   return overrides
+
+
+# Routers holding exactly the softmax router's parameters (a `kernel` [D, E]): a swap may exchange them.
+KERNEL_ROUTERS = ("top_k", "expert_choice", "base_layer")
+
+
+def _router_swap(spec: str, value: Any, base: MoEConfig) -> str:
+  """The router of a `router=NAME` swap, if it holds the checkpoint router's parameters."""
+  if value not in KERNEL_ROUTERS or base.router not in KERNEL_ROUTERS or base.expert_bias_update_rate > 0:
+    raise EvalError(f"Swap {spec!r}: moe.router={value!r} cannot replace the checkpoint's router {base.router!r} "
+                    f"(other parameters); a router swap works between {', '.join(KERNEL_ROUTERS)} without an expert "
+                    "bias.")
+  return value
 
 
 def router_specs(base: Optional[MoEConfig], swaps: Sequence[str] = (),

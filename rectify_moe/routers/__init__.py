@@ -5,6 +5,8 @@
 | "top_k" | `top_k.py` | learned softmax top-k with capacity: vanilla, Fill-in Rectification, expert-bias balancing |
 | "stablemoe" | `stablemoe.py` | StableMoE: greedy top-1 by centroids, distilled token-id router frozen in stage 2 |
 | "hash" | `hash_layers.py` | Hash Layers: a fixed token-id -> expert table |
+| "expert_choice" | `expert_choice.py` | Expert Choice: each expert takes its top-C tokens of the group (not causal) |
+| "base_layer" | `base_layer.py` | BASE layers: balanced assignment (auction) in training, greedy top-1 in evaluation |
 
 Adding a router: write a module here with a `base.Router` subclass, add it to `REGISTRY`, and declare its config
 fields in the `moe` section of `rectify_moe/config/schema.py`. The block, the model, the trainer and the evaluator
@@ -17,7 +19,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from rectify_moe.config.fields import ConfigError, closest
-from rectify_moe.routers import base, hash_layers, stablemoe, top_k
+from rectify_moe.routers import base, base_layer, expert_choice, hash_layers, stablemoe, top_k
 
 if TYPE_CHECKING:
   from rectify_moe.config.schema import MoEConfig
@@ -26,6 +28,8 @@ REGISTRY: dict[str, type[base.Router]] = {
     "top_k": top_k.TopKRouter,
     "stablemoe": stablemoe.StableMoERouter,
     "hash": hash_layers.HashRouter,
+    "expert_choice": expert_choice.ExpertChoiceRouter,
+    "base_layer": base_layer.BaseLayerRouter,
 }
 
 
