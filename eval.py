@@ -6,6 +6,7 @@
   python eval.py --workdir=runs/top1 --swap=ir --swap="top_k=2,priority=position" \
       --eval_capacity_factors=0.5,1.0,2.0                   # every router at every capacity factor
   python eval.py --workdir=runs/top1 --config=configs/top1.py --config.train.eval_batches=32
+  python eval.py --init_from=hf:/models/SmolLM-135M --eval_batches=0     # an imported Hugging Face model
 
 --swap takes a preset (vanilla, ir, fr, ir_fr; derived from the checkpoint's k), `key=value,...` routing
 fields of `moe` (top_k, fill_in, ir_mode, ir_capacity_factor, capacity_factor, eval_capacity_factor,
@@ -34,7 +35,8 @@ flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eva
 flags.DEFINE_integer("eval_batch_size", None, "Rows per eval batch (default: train.eval_batch_size).")
 flags.DEFINE_string("output_dir", None, "Where to write results (default: workdir/eval/<step>).")
 flags.DEFINE_bool("plots", True, "Write the PNG plots.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("init_from", None, "hf:DIR: evaluate the dense model of a local Hugging Face folder instead of a "
+                    "checkpoint (--workdir optional: where results go).")
 
 
 def main(argv, none_paths):
@@ -42,11 +44,13 @@ def main(argv, none_paths):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if not f.workdir and not f.init_from:
+    raise app.UsageError("Pass --workdir (a training run) or --init_from=hf:DIR.")
   config = cli.apply_none(f.config, none_paths) if f.config is not None else None
   sys.exit(evaluation.run_main(config, f.workdir, step=f.step, swaps=f.swap,
                                eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
                                eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
-                               output_dir=f.output_dir, plots=f.plots))
+                               output_dir=f.output_dir, plots=f.plots, init_from=f.init_from))
 
 
 if __name__ == "__main__":
