@@ -106,6 +106,8 @@ def _sharding_at(shardings: Any, path: Path, mesh: jax.sharding.Mesh) -> jax.sha
     if node is None:
       break
     node = node.get(key) if isinstance(node, dict) else None
+  if isinstance(node, NamedSharding):
+    return NamedSharding(mesh, node.spec)  # an abstract model's sharding names an abstract mesh
   return node if isinstance(node, jax.sharding.Sharding) else NamedSharding(mesh, P())
 
 
