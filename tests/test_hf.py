@@ -347,3 +347,17 @@ def test_every_error_is_one_line(checkpoints, tmp_path):
     upcycle.check_source(schema.parse(dict(init_from="hf:" + str(tmp_path / "nowhere"))))
   with pytest.raises(ConfigError, match="tokenizer.json is missing"):
     data_lib.load_tokenizer("hf:" + str(tmp_path))
+
+
+def test_train_py_upcycles_an_imported_model_with_its_tokenizer(checkpoints, tmp_path):
+  from rectify_moe import train_lib
+  folder = checkpoints["qwen2_gqa_tied"][0]
+  config = train_helpers.tiny_config(tmp_path, mesh=(2, 4), steps=1)
+  config.init_from = "hf:" + folder
+  config.moe.update(dict(variants.overrides("top1_ir"), expert_dim=FF))
+  run = str(tmp_path / "run")
+  summary = train_lib.train_and_evaluate(config, run)
+  assert summary["step"] == 1 and np.isfinite(summary["train"]["loss"])
+  saved = json.load(open(os.path.join(run, "config.json")))
+  assert saved["model"]["num_kv_heads"] == 2 and saved["model"]["qkv_bias"] and saved["data"]["tokenizer"] == \
+      "hf:" + folder
