@@ -154,11 +154,31 @@ def reference_logits(cfg, t, tokens):
       # Shape: [T, H, Dh] = einsum("hqk,khd->qhd")
       x = x + lin(np.einsum("hqk,khd->qhd", a, v).reshape(seq, heads * dh), p + "self_attn.o_proj")
       h = _rms(x, t[p + "post_attention_layernorm.weight"], eps)
-      g = lin(h, p + "mlp.gate_proj")
-      x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+      x = x + (_mixtral_moe(cfg, t, p, h, lin) if "num_local_experts" in cfg else _swiglu(h, p + "mlp", lin))
     head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
     out.append(_rms(x, t["model.norm.weight"], eps) @ head.T)
   return np.stack(out)
+
+
+def _swiglu(h, prefix, lin, names=("gate_proj", "up_proj", "down_proj")):
+  g = lin(h, f"{prefix}.{names[0]}")
+  return lin(g / (1 + np.exp(-g)) * lin(h, f"{prefix}.{names[1]}"), f"{prefix}.{names[2]}")
+
+
+def _mixtral_moe(cfg, t, p, h, lin):
+  """Mixtral's sparse MoE block: softmax router, top-k, weights renormalised over the k, no capacity."""
+  probs = lin(h, p + "block_sparse_moe.gate")
+  probs = np.exp(probs - probs.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  k = cfg["num_experts_per_tok"]
+  top = np.argsort(-probs, -1)[:, :k]
+  weights = np.take_along_axis(probs, top, -1)
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.zeros_like(h)
+  for e in range(cfg["num_local_experts"]):
+    y = _swiglu(h, f"{p}block_sparse_moe.experts.{e}", lin, ("w1", "w3", "w2"))
+    out += ((top == e) * weights).sum(-1, keepdims=True) * y
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,6 +269,38 @@ def test_upcycling_an_imported_model_at_step_0_reproduces_its_logits_under_top1_
   # With model.moe_every=2 the experts of layer 1 are copies of its dense FFN.
   w = np.asarray(state["blocks"][1]["ffn"]["w_up"][...])
   np.testing.assert_array_equal(w[3], tensors["model.layers.1.mlp.up_proj.weight"].T)
+
+
+def test_an_upcycled_vanilla_top2_moe_exports_as_mixtral_and_rectify_routers_are_refused(checkpoints, tmp_path):
+  folder = checkpoints["llama_mha_untied"][0]
+  config = schema.default_config()
+  config.update(dict(init_from="hf:" + folder, init_noise=0.2))
+  config.model.moe_every = 1
+  config.moe.update(dict(variants.overrides("top2"), num_experts=8, expert_dim=FF, group_size=32,
+                         router_init_std=0.5, eval_capacity_factor=4.0))  # C = S: dropless, as Mixtral
+  cfg = schema.resolve(config)[0]
+  mesh = sharding.make_mesh(2, 4)
+  dense = upcycle.load_dense(upcycle.check_source(cfg), mesh)
+  with jax.set_mesh(mesh):
+    model = model_lib.TransformerLM(cfg.model, cfg.moe, rngs=nnx.Rngs(cfg.seed))
+  graphdef, state = nnx.split(model)
+  params = upcycle.upcycled_model(nnx.to_pure_dict(state), dense, cfg)
+  out = str(tmp_path / "mixtral")
+  hf_export.export(params, cfg.model, out, moe=cfg.moe)
+  hf = hf_config.read(out)
+  assert hf["architectures"] == ["MixtralForCausalLM"] and hf["num_experts_per_tok"] == 2
+  from safetensors.numpy import load_file
+  tensors = load_file(os.path.join(out, "model.safetensors"))
+  tokens = np.random.default_rng(2).integers(0, VOCAB, (16, 32)).astype(np.int32)
+  got = _logits(cfg, mesh, params, tokens)
+  want = reference_logits(hf, tensors, tokens)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  assert np.abs(want - reference_logits(hf_config.read(folder), checkpoints["llama_mha_untied"][2], tokens)).max() \
+      > 1e-2  # the noisy experts and the routing matter
+  ir = dataclasses.replace(cfg.moe, **variants.overrides("top1_ir"))
+  with pytest.raises(ConfigError, match=r"moe.ir_mode='all'.*MixtralForCausalLM") as e:
+    hf_export.export(params, cfg.model, str(tmp_path / "ir"), moe=ir)
+  assert "\n" not in str(e.value)
 
 
 def test_tokenizer_json_packs_documents_with_bos_and_eos_and_eval_matches_reference(checkpoints, tmp_path):

@@ -1,12 +1,14 @@
-"""Export a dense model to a Hugging Face folder (config.json, *.safetensors (+ index), tokenizer files).
+"""Export a model to a Hugging Face folder (config.json, *.safetensors (+ index), tokenizer files).
 
   python -m rectify_moe.hf.export --workdir=runs/dense --out=/tmp/exported [--step=300] [--dtype=bfloat16]
 
 What exports: a dense model (model.moe_every=0), e.g. one trained from `--config.init_from=hf:DIR` or from scratch,
-as `LlamaForCausalLM` (or `Qwen2ForCausalLM` with qkv biases; an imported Mistral keeps its name). What does not:
-an MoE run. The Llama-family layout has no MoE layers; the nearest Hugging Face MoE layout (Mixtral) needs an MoE FFN
-in every layer and vanilla dropless top-k routing, and the Rectify routers (Intra-device and Fill-in Rectification,
-capacity, StableMoE, hash routing) have no Hugging Face counterpart at all, so an MoE run is refused with one line.
+as `LlamaForCausalLM` (or `Qwen2ForCausalLM` with qkv biases; an imported Mistral keeps its name); and an upcycled
+vanilla top-k MoE with an MoE FFN in every layer (model.moe_every=1, no attention biases) as `MixtralForCausalLM`,
+which routes dropless: softmax router, top-k, weights renormalised over the k (our combine='normalized', or top-1
+with any weight-1 combine), no capacity. What does not: the Rectify routers (Intra-device and Fill-in
+Rectification), an expert bias, combine='probs', StableMoE and hash routing have no Hugging Face counterpart, nor
+has a model mixing dense and MoE layers (moe_every > 1); those are refused with one line naming the field.
 When the run was imported (`init_from=hf:DIR`), DIR's other config.json keys (token ids, ...) and its tokenizer files
 are carried over.
 """
@@ -14,6 +16,7 @@ are carried over.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -38,19 +41,23 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def export(params: dict[str, Any], model: schema.ModelConfig, out_dir: str, *, source_dir: Optional[str] = None,
-           dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[str]:
-  """Writes a dense model's pure parameters to `out_dir` in the Hugging Face layout; returns the files written.
+           dtype: str = "float32", max_shard_bytes: int = 4 << 30, moe: Optional[schema.MoEConfig] = None
+           ) -> list[str]:
+  """Writes a model's pure parameters to `out_dir` in the Hugging Face layout; returns the files written.
 
   Args:
-    params: the dense model's pure parameters (`nnx.to_pure_dict`).
+    params: the model's pure parameters (`nnx.to_pure_dict`).
     model: its config.
+    moe: its MoE config (an MoE model exports as Mixtral when `mixtral_refusal` finds nothing to refuse).
     out_dir: the folder (created).
     source_dir: the folder the model was imported from (its config.json keys and tokenizer files are kept).
     dtype: 'float32' or 'bfloat16'.
     max_shard_bytes: larger models are split into shards with a `model.safetensors.index.json`.
   """
   if model.num_moe_layers:
-    raise ConfigError(refusal(model))
+    reason = mixtral_refusal(model, moe)
+    if reason:
+      raise ConfigError(reason)
   base = hf_config.read(source_dir) if source_dir else None
   tensors = weights.host_tensors(params, model, DTYPES[dtype])
   os.makedirs(out_dir, exist_ok=True)
@@ -75,8 +82,13 @@ def export(params: dict[str, Any], model: schema.ModelConfig, out_dir: str, *, s
   for name, shard in zip(names, shards):
     save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
     written.append(name)
+  config = hf_config.to_hf(dataclasses.replace(model, moe_every=0), base=base, dtype=dtype)
+  if model.num_moe_layers:
+    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=moe.num_experts,
+                  num_experts_per_tok=moe.top_k, sliding_window=None, output_router_logits=False)
+    config.pop("attention_bias", None), config.pop("mlp_bias", None)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config.to_hf(model, base=base, dtype=dtype), f, indent=2)
+    json.dump(config, f, indent=2)
   written.append("config.json")
   for name in TOKENIZER_FILES if source_dir else ():
     if os.path.isfile(os.path.join(source_dir, name)):
@@ -85,11 +97,32 @@ def export(params: dict[str, Any], model: schema.ModelConfig, out_dir: str, *, s
   return written
 
 
-def refusal(model: schema.ModelConfig, moe: Optional[schema.MoEConfig] = None) -> str:
-  router = f", moe.router={moe.router!r}" if moe is not None else ""
-  return (f"export: an MoE model (model.moe_every={model.moe_every}{router}) has no Hugging Face counterpart: the "
-          "Llama-family layout is dense, Mixtral's needs an MoE FFN in every layer with dropless top-k, and the "
-          "Rectify routers (IR, FR, capacity) exist only here; export the dense run it was upcycled from.")
+def mixtral_refusal(model: schema.ModelConfig, moe: Optional[schema.MoEConfig]) -> str:
+  """Why an MoE model has no Hugging Face (Mixtral) counterpart, in one line; '' when it exports as Mixtral."""
+  reasons = []
+  if moe is None:
+    reasons.append("its moe config is unknown")
+  else:
+    if moe.router != "top_k" or moe.activation != "swiglu":
+      reasons.append(f"moe.router={moe.router!r}, moe.activation={moe.activation!r} (needs 'top_k', 'swiglu')")
+    if moe.ir_mode or moe.fill_in:
+      reasons.append(f"moe.ir_mode={moe.ir_mode!r}, moe.fill_in={moe.fill_in} (the Rectify routers exist only "
+                     "here)")
+    if moe.expert_bias_update_rate:
+      reasons.append(f"moe.expert_bias_update_rate={moe.expert_bias_update_rate} (an expert bias)")
+    if moe.combine != "normalized" and moe.top_k > 1:
+      reasons.append(f"moe.combine={moe.combine!r} (Mixtral renormalises the top-k weights)")
+    if moe.top_k == 1 and moe.combine == "probs" and not moe.straight_through:
+      reasons.append("moe.combine='probs' with top-1 (Mixtral's top-1 weight is 1)")
+  if model.moe_every != 1:
+    reasons.append(f"model.moe_every={model.moe_every} (Mixtral has an MoE FFN in every layer)")
+  if model.qkv_bias or model.attn_out_bias:
+    reasons.append("attention biases (Mixtral has none)")
+  if not reasons:
+    return ""
+  return ("export: this MoE model has no Hugging Face counterpart: " + "; ".join(reasons) + ". Only a vanilla "
+          "top-k MoE in every layer exports (as MixtralForCausalLM, dropless); export the dense run it was "
+          "upcycled from instead.")
 
 
 def export_run(workdir: str, out_dir: str, *, step: Optional[int] = None, dtype: str = "float32") -> list[str]:
@@ -101,8 +134,8 @@ def export_run(workdir: str, out_dir: str, *, step: Optional[int] = None, dtype:
   except (OSError, ValueError) as e:
     raise ConfigError(f"export: cannot read {paths.config_json} ({str(e).splitlines()[0]}); --workdir must be a "
                       "train.py workdir.") from None
-  if cfg.model.num_moe_layers:
-    raise ConfigError(refusal(cfg.model, cfg.moe))
+  if cfg.model.num_moe_layers and mixtral_refusal(cfg.model, cfg.moe):
+    raise ConfigError(mixtral_refusal(cfg.model, cfg.moe))
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   _, abstract = model_lib.abstract_model(cfg, mesh)
   ckpt = checkpoints.Checkpointer(paths, read_only=True)
@@ -114,7 +147,7 @@ def export_run(workdir: str, out_dir: str, *, step: Optional[int] = None, dtype:
   finally:
     ckpt.close()
   source = hf_config.hf_dir(cfg.init_from)
-  return export(params, cfg.model, out_dir, dtype=dtype,
+  return export(params, cfg.model, out_dir, dtype=dtype, moe=cfg.moe,
                 source_dir=source if source and os.path.isdir(source) else None)
 
 

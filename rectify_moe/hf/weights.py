@@ -183,11 +183,33 @@ def _set(tree: dict, path: Path, value: Any) -> None:
   tree[path[-1]] = value
 
 
+# Mixtral's names of an MoE layer: ours -> theirs (each [out, in], one tensor per expert).
+MIXTRAL_EXPERT_NAMES = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}
+
+
 def host_tensors(params: dict[str, Any], model: schema.ModelConfig, dtype: Any = np.float32
                  ) -> dict[str, np.ndarray]:
-  """{Hugging Face name: numpy array} of a dense model's pure parameters (for `hf.export`)."""
+  """{Hugging Face name: numpy array} of a model's pure parameters (for `hf.export`).
+
+  A dense model in the Llama layout; MoE layers (top-k routers only) in Mixtral's:
+  `model.layers.i.block_sparse_moe.gate.weight` [E, D] (the router kernel, transposed) and
+  `model.layers.i.block_sparse_moe.experts.j.w{1,2,3}.weight` (gate, down, up projections of expert j, transposed).
+  """
   out = {}
-  for path, name, transposed in param_table(model):
-    value = np.asarray(jax.device_get(_leaf_at(params, path)))
-    out[name] = np.ascontiguousarray(value.T if transposed else value).astype(dtype)
+  for path, name, transposed in param_table(dataclasses.replace(model, moe_every=0)):
+    if path[0] == "blocks" and path[2] == "ffn" and model.is_moe_layer(path[1]):
+      ffn = _leaf_at(params, path[:3])
+      prefix = f"model.layers.{path[1]}.block_sparse_moe."
+      if path[3] == "w_gate":  # once per layer: the router
+        out[prefix + "gate.weight"] = _host(ffn["router"]["kernel"], True, dtype)
+      experts = np.asarray(jax.device_get(ffn[path[3]]))
+      for j in range(experts.shape[0]):
+        out[f"{prefix}experts.{j}.{MIXTRAL_EXPERT_NAMES[path[3]]}.weight"] = _host(experts[j], True, dtype)
+      continue
+    out[name] = _host(_leaf_at(params, path), transposed, dtype)
   return out
+
+
+def _host(value: Any, transposed: bool, dtype: Any) -> np.ndarray:
+  value = np.asarray(jax.device_get(value))
+  return np.ascontiguousarray(value.T if transposed else value).astype(dtype)
