@@ -413,3 +413,19 @@ def test_train_py_upcycles_an_imported_model_with_its_tokenizer(checkpoints, tmp
   saved = json.load(open(os.path.join(run, "config.json")))
   assert saved["model"]["num_kv_heads"] == 2 and saved["model"]["qkv_bias"] and saved["data"]["tokenizer"] == \
       "hf:" + folder
+
+
+def test_a_study_can_start_from_an_imported_model(checkpoints):
+  from rectify_moe.study import config as study_config
+  from rectify_moe.study import runner
+  folder = checkpoints["qwen2_gqa_tied"][0]
+  study = study_config.default_study()
+  study.dense_from = "hf:" + folder
+  study = runner.imported(study_config.parse(study))
+  assert study.run.model.kv_heads == 2 and study.run.data.tokenizer == "hf:" + folder
+  config = runner.run_config(study, runner.plan(study)[0], study.dense_from)
+  cfg = schema.resolve(config)[0]
+  assert cfg.init_from == "hf:" + folder and cfg.moe.expert_dim == FF and cfg.model.num_moe_layers == 1
+  upcycle.check_source(cfg)  # the runs upcycle the imported model
+  with pytest.raises(ConfigError, match="study.dense_from='runs/x'"):
+    study_config.parse(dict(dense_from="runs/x")).validate()

@@ -55,7 +55,8 @@ __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "VOCAB_SIZE", "VALID_SOURCES", "ByteTokenizer", "CorpusConfig",
     "DocumentRef", "EvalBatches", "PackedWindows", "TextCorpusBuilder", "as_data_config", "assign_splits",
     "chunk_at_line_boundaries", "describe_split", "document_token_lengths", "expand_text_files",
-    "heldout_score", "is_online", "JsonTokenizer", "load_tokenizer", "list_stdlib_files", "local_corpus_builder", "make_eval_batches",
+    "heldout_score", "is_online", "JsonTokenizer", "load_tokenizer",
+    "list_stdlib_files", "local_corpus_builder", "make_eval_batches",
     "make_packed_windows", "make_train_dataset", "make_train_iterator", "open_registered_tfds", "open_split",
     "per_process_batch_size", "resolve_data_dir", "stdlib_dir", "validate_data_config",
 ]

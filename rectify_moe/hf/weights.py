@@ -156,7 +156,7 @@ def load(directory: str, model: schema.ModelConfig, mesh: jax.sharding.Mesh, *, 
       def read(index, tensor=tensor, transposed=transposed):
         index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
         block = tensor[tuple(reversed(index)) if transposed else index]
-        return np.asarray(block.T if transposed else block).astype(dtype)
+        return np.asarray(block.T if transposed else block, dtype=dtype)  # no copy when the dtype matches
 
       _set(out, path, jax.make_array_from_callback(shape, sharding, read))
   if log is not None:

@@ -99,6 +99,16 @@ def run_config(study: StudyConfig, spec: RunSpec, dense_workdir: str) -> ml_coll
   return config
 
 
+def imported(study: StudyConfig) -> StudyConfig:
+  """With study.dense_from=hf:DIR, the study whose run template has DIR's architecture and tokenizer."""
+  if not study.dense_from:
+    return study
+  if not os.path.isdir(hf_config.hf_dir(study.dense_from)):
+    hf_config.read(hf_config.hf_dir(study.dense_from))  # one line: no such directory
+  run = hf_config.apply(dataclasses.replace(study.run, init_from=study.dense_from))
+  return dataclasses.replace(study, run=dataclasses.replace(run, init_from=""))
+
+
 def _check_identity(study: StudyConfig, workdir: str) -> None:
   """Writes WORKDIR/study.json, or refuses a rerun whose study config differs from the one that started it."""
   path = os.path.join(workdir, "study.json")
@@ -156,9 +166,7 @@ def execute(study: StudyConfig, workdir: str) -> dict[str, Any]:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   runs = plan(study)
   dense_dir = os.path.join(workdir, "dense")
-  if study.dense_from:  # every run takes the imported model's architecture and tokenizer
-    run = hf_config.apply(dataclasses.replace(study.run, init_from=study.dense_from))
-    study = dataclasses.replace(study, run=dataclasses.replace(run, init_from=""))
+  study = imported(study)
   log.info(f"Study: {len(runs)} runs ({len(study.variant_names()) + len(study.no_lb_names())} variants x "
            f"{len(study.capacity_factor_values())} capacity factors x {study.seeds} seeds) "
            f"{'from scratch' if study.from_scratch else 'upcycled from one dense run'}; {jax.device_count()} "
@@ -179,7 +187,8 @@ def execute(study: StudyConfig, workdir: str) -> dict[str, Any]:
     dense = {"kind": "dense", "steps": study.dense_steps, **_evaluate(study, dense_dir),
              "seconds": time.time() - start}
     _save(dense_dir, dense)
-  log.info(f"[dense] {study.dense_from or f'{study.dense_steps} steps'}: held-out loss {dense['loss']:.4f} ± {dense['loss_se']:.4f} "
+  origin = study.dense_from or f"{study.dense_steps} steps"
+  log.info(f"[dense] {origin}: held-out loss {dense['loss']:.4f} ± {dense['loss_se']:.4f} "
            f"({dense['tokens']:,} tokens)")
   results = []
   for index, spec in enumerate(runs, start=1):
