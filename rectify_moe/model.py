@@ -4,6 +4,8 @@ Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> residual; R
 The FFN is an `MoEBlock` in every `moe_every`-th layer (layers i with `i % moe_every == moe_every - 1`,
 i.e. every other layer for 2, as in the paper) and a dense SwiGLU elsewhere. Dense parameters are
 replicated; the batch is sharded over (data, expert); expert weights over `expert`.
+The Llama family's switches (model.num_kv_heads, head_dim, norm_eps, qkv_bias, attn_out_bias, param_dtype) make it
+the architecture of Llama / Qwen2 / Mistral checkpoints (rectify_moe/hf imports and exports them).
 """
 
 from __future__ import annotations

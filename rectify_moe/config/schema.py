@@ -80,8 +80,8 @@ class ModelConfig:
   norm_eps: float = field(1e-6, "RMSNorm epsilon", kind=ARCHITECTURE, min=0.0)
   qkv_bias: bool = field(False, "biases on the query, key and value projections (Qwen2)", kind=ARCHITECTURE)
   attn_out_bias: bool = field(False, "a bias on the attention output projection", kind=ARCHITECTURE)
-  param_dtype: DType = field("float32", "parameter storage dtype ('bfloat16' halves the memory of a large imported "
-                                        "model)")
+  param_dtype: DType = field("float32", "storage dtype of the embeddings, attention and dense FFN weights (norms, "
+                                        "experts and routers stay float32); 'bfloat16' halves an imported model")
 
   def is_moe_layer(self, index: int) -> bool:
     return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
