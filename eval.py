@@ -8,6 +8,7 @@
   python eval.py --workdir=runs/top1 --config=configs/top1.py --config.train.eval_batches=32
   python eval.py --workdir=runs/top1 --swap=presets --swap=router=expert_choice,capacity_factor=2 \
       --eval_capacity_factors=0.5,1.0 --dropless_reference  # distance of every row to dropless routing
+  python eval.py --init_from=hf:/models/SmolLM-135M --eval_batches=0     # an imported Hugging Face model
 
 --swap takes a preset (vanilla, ir, fr, ir_fr; derived from the checkpoint's k), `key=value,...` routing
 fields of `moe` (top_k, fill_in, ir_mode, ir_capacity_factor, capacity_factor, eval_capacity_factor,
@@ -40,7 +41,8 @@ flags.DEFINE_bool("plots", True, "Write the PNG plots.")
 flags.DEFINE_bool("dropless_reference", False, "Evaluate every router row also dropless on the same batches: the "
                   "held-out loss gap to dropless and, per MoE layer, the relative L2 distance of the output to the "
                   "dropless output.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("init_from", None, "hf:DIR: evaluate the dense model of a local Hugging Face folder instead of a "
+                    "checkpoint (--workdir optional: where results go).")
 
 
 def main(argv, none_paths):
@@ -48,11 +50,14 @@ def main(argv, none_paths):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if not f.workdir and not f.init_from:
+    raise app.UsageError("Pass --workdir (a training run) or --init_from=hf:DIR.")
   config = cli.apply_none(f.config, none_paths) if f.config is not None else None
   sys.exit(evaluation.run_main(config, f.workdir, step=f.step, swaps=f.swap,
                                eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
                                eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
-                               output_dir=f.output_dir, plots=f.plots, dropless_reference=f.dropless_reference))
+                               output_dir=f.output_dir, plots=f.plots, dropless_reference=f.dropless_reference,
+                               init_from=f.init_from))
 
 
 if __name__ == "__main__":

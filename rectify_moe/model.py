@@ -4,6 +4,8 @@ Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> residual; R
 The FFN is an `MoEBlock` in every `moe_every`-th layer (layers i with `i % moe_every == moe_every - 1`,
 i.e. every other layer for 2, as in the paper) and a dense SwiGLU elsewhere. Dense parameters are
 replicated; the batch is sharded over (data, expert); expert weights over `expert`.
+The Llama family's switches (model.num_kv_heads, head_dim, norm_eps, qkv_bias, attn_out_bias, param_dtype) make it
+the architecture of Llama / Qwen2 / Mistral checkpoints (rectify_moe/hf imports and exports them).
 """
 
 from __future__ import annotations
@@ -54,46 +56,69 @@ def apply_rope(x: Array, positions: Array, base: float) -> Array:
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention with RoPE."""
+  """Causal self-attention with RoPE; grouped-query when model.num_kv_heads < num_heads (each K/V head serves
+  num_heads / num_kv_heads consecutive query heads); optional q/k/v and output biases (Qwen2, Llama's
+  attention_bias)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, h = cfg.d_model, cfg.num_heads
-    self.num_heads, self.rope_base = h, cfg.rope_base
+    d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.attn_head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim, self.rope_base = h, kv, dh, cfg.rope_base
     self.dtype = moe_lib.DTYPES[cfg.dtype]
-    init = nnx.initializers.lecun_normal()
-    self.wq = nnx.Param(init(rngs.params(), (d, d)))
-    self.wk = nnx.Param(init(rngs.params(), (d, d)))
-    self.wv = nnx.Param(init(rngs.params(), (d, d)))
-    self.wo = nnx.Param(init(rngs.params(), (d, d)))
+    init = _param_init(nnx.initializers.lecun_normal(), cfg.param_dtype)
+    self.wq = nnx.Param(init(rngs.params(), (d, h * dh)))
+    self.wk = nnx.Param(init(rngs.params(), (d, kv * dh)))
+    self.wv = nnx.Param(init(rngs.params(), (d, kv * dh)))
+    self.wo = nnx.Param(init(rngs.params(), (h * dh, d)))
+    zeros = lambda n: nnx.Param(jnp.zeros((n,), moe_lib.DTYPES[cfg.param_dtype]))
+    if cfg.qkv_bias:
+      self.bq, self.bk, self.bv = zeros(h * dh), zeros(kv * dh), zeros(kv * dh)
+    if cfg.attn_out_bias:
+      self.bo = zeros(d)
 
   def __call__(self, x: Array) -> Array:
-    batch, seq, width = x.shape
-    heads, head_dim = self.num_heads, width // self.num_heads
+    batch, seq, _ = x.shape
+    head_dim = self.head_dim
     positions = jnp.arange(seq, dtype=jnp.int32)
 
-    def project(w):
+    def project(w, bias_name, heads):
       # Shape: [B, T, H, Dh] = einsum("btd,dk->btk") reshaped
-      return jnp.einsum("btd,dk->btk", x, w[...].astype(self.dtype)).reshape(batch, seq, heads, head_dim)
+      out = jnp.einsum("btd,dk->btk", x, w[...].astype(self.dtype))
+      if hasattr(self, bias_name):
+        out = out + getattr(self, bias_name)[...].astype(self.dtype)
+      return out.reshape(batch, seq, heads, head_dim)
 
-    q = apply_rope(project(self.wq), positions, self.rope_base)
-    k = apply_rope(project(self.wk), positions, self.rope_base)
-    v = project(self.wv)
+    q = apply_rope(project(self.wq, "bq", self.num_heads), positions, self.rope_base)
+    k = apply_rope(project(self.wk, "bk", self.num_kv_heads), positions, self.rope_base)
+    v = project(self.wv, "bv", self.num_kv_heads)
+    groups = self.num_heads // self.num_kv_heads
+    if groups > 1:  # K/V head j serves query heads j*groups .. j*groups + groups - 1
+      k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     # Shape: [B, H, T, T] = einsum("bqhd,bkhd->bhqk")
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
     causal = jnp.tril(jnp.ones((seq, seq), bool))
     scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     # Shape: [B, T, H, Dh] = einsum("bhqk,bkhd->bqhd")
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, width)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq, self.num_heads * head_dim)
     # Shape: [B, T, D] = einsum("btk,kd->btd")
-    return jnp.einsum("btk,kd->btd", out, self.wo[...].astype(self.dtype))
+    out = jnp.einsum("btk,kd->btd", out, self.wo[...].astype(self.dtype))
+    if hasattr(self, "bo"):
+      out = out + self.bo[...].astype(self.dtype)
+    return out
+
+
+def _param_init(init, param_dtype: str):
+  """`init` drawn in float32 (the same numbers for every param_dtype), stored in model.param_dtype."""
+  if param_dtype == "float32":
+    return init
+  return lambda key, shape: init(key, shape).astype(moe_lib.DTYPES[param_dtype])
 
 
 class DenseFFN(nnx.Module):
   """SwiGLU feed-forward: `(silu(x W_gate) * (x W_up)) W_down`."""
 
-  def __init__(self, d_model: int, d_ff: int, dtype: str, *, rngs: nnx.Rngs):
-    init = nnx.initializers.lecun_normal()
+  def __init__(self, d_model: int, d_ff: int, dtype: str, *, rngs: nnx.Rngs, param_dtype: str = "float32"):
+    init = _param_init(nnx.initializers.lecun_normal(), param_dtype)
     self.w_gate = nnx.Param(init(rngs.params(), (d_model, d_ff)))
     self.w_up = nnx.Param(init(rngs.params(), (d_model, d_ff)))
     self.w_down = nnx.Param(init(rngs.params(), (d_ff, d_model)))
@@ -113,15 +138,15 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, moe_cfg: Optional[MoEConfig], *, rngs: nnx.Rngs,
                router_prepared: Optional[dict[str, Any]] = None):
-    self.attn_norm = RMSNorm(cfg.d_model)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
-    self.ffn_norm = RMSNorm(cfg.d_model)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.is_moe = moe_cfg is not None
     if self.is_moe:
       self.ffn = moe_lib.MoEBlock(moe_cfg, d_model=cfg.d_model, rngs=rngs, vocab_size=cfg.vocab_size,
                                   prepared=router_prepared)
     else:
-      self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs=rngs)
+      self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs=rngs, param_dtype=cfg.param_dtype)
 
   def __call__(self, x: Array, token_mask: Array, train: bool, tokens: Array, step: Array, rng: Array
                ) -> tuple[Array, Optional[dict[str, Array]]]:
@@ -144,12 +169,14 @@ class TransformerLM(nnx.Module):
     if cfg.num_moe_layers and moe_cfg is None:
       raise ValueError("model.moe_every > 0 needs a moe config.")
     self.cfg = cfg
-    self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
+    self.embed = nnx.Param(_param_init(nnx.initializers.normal(1.0), cfg.param_dtype)(
+        rngs.params(), (cfg.vocab_size, cfg.d_model)))
     self.blocks = nnx.List([Block(cfg, moe_cfg if cfg.is_moe_layer(i) else None, rngs=rngs,
                                   router_prepared=router_prepared) for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.unembed = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (cfg.d_model, cfg.vocab_size)))
+      self.unembed = nnx.Param(_param_init(nnx.initializers.lecun_normal(), cfg.param_dtype)(
+          rngs.params(), (cfg.d_model, cfg.vocab_size)))
 
   def __call__(self, tokens: Array, token_mask: Optional[Array] = None, *, train: bool = True,
                step: Optional[Array] = None, rng: Optional[Array] = None

@@ -69,9 +69,11 @@ def validate_config(config: Any, num_devices: Optional[int] = None,
     elif getattr(train, name) % used:
       raise fields.ConfigError(f"train.{name}={getattr(train, name)} is not divisible by the {used} devices of the "
                                "mesh.")
-  if cfg.model.vocab_size < data_lib.ByteTokenizer.vocab_size:
+  tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+  if cfg.model.vocab_size < tokenizer.vocab_size:
     raise fields.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"{data_lib.ByteTokenizer.vocab_size}; set it to at least that.")
+                             f"{tokenizer.vocab_size} (data.tokenizer={cfg.data.tokenizer!r}); set it to at least "
+                             "that.")
   data_lib.validate_data_config(cfg.data)
   return mesh_shape
 

@@ -8,7 +8,9 @@ independent Gaussian noise to each expert copy, with std `init_noise` times the 
 The optimizer and the step start at 0. With exact copies the MoE computes the dense model's function for any token
 whose routed weights sum to 1 and for every token IR rectifies; `tests/test_upcycle.py` checks it.
 
-PATH is a dense run's workdir (its latest checkpoint) or one checkpoint step folder (`WORKDIR/checkpoints/300`).
+PATH is a dense run's workdir (its latest checkpoint) or one checkpoint step folder (`WORKDIR/checkpoints/300`), or
+`hf:DIR`, a local Hugging Face folder of the Llama family (`rectify_moe/hf`; the run takes DIR's architecture, and a
+dense run (model.moe_every=0) simply starts from the imported model).
 Every mismatch is one line before anything compiles (`check_source`).
 """
 
@@ -26,20 +28,24 @@ from flax import nnx
 from rectify_moe import checkpoints, log
 from rectify_moe import model as model_lib
 from rectify_moe.config import schema
-from rectify_moe.config.fields import ConfigError
+from rectify_moe.config.fields import ARCHITECTURE, ConfigError, names_of_kind
+from rectify_moe.hf import config as hf_config
+from rectify_moe.hf import weights as hf_weights
 from rectify_moe.workdir import Workdir
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 # Model fields the dense run and the MoE run must share (the copied parameters' shapes and the function they compute).
-SHARED_MODEL_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "rope_base", "tie_embeddings")
+SHARED_MODEL_FIELDS = tuple(name for name in names_of_kind(schema.ModelConfig, ARCHITECTURE) if name != "moe_every")
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A dense checkpoint to upcycle: the run's workdir, the step, and the run's config."""
+  """A dense checkpoint to upcycle: the run's workdir, the step, and the run's config (or a Hugging Face folder:
+  `hf_dir`, step 0 and a config holding its architecture)."""
   workdir: str
   step: int
   config: schema.RunConfig
+  hf_dir: str = ""
 
 
 def locate(path: str) -> tuple[str, Any]:
@@ -63,6 +69,9 @@ def check_source(cfg: schema.RunConfig) -> Source:
   Checks: a checkpoint exists; the run's config.json is readable and describes a dense model (model.moe_every=0);
   the shared model fields match; the MoE layers are SwiGLU experts of width moe.expert_dim = the dense d_ff.
   """
+  directory = hf_config.hf_dir(cfg.init_from)
+  if directory is not None:
+    return _check_hf_source(cfg, directory)
   workdir, step = locate(cfg.init_from)
   paths = Workdir(workdir)
   try:
@@ -77,18 +86,7 @@ def check_source(cfg: schema.RunConfig) -> Source:
   if not cfg.model.num_moe_layers:
     raise ConfigError("init_from upcycles into MoE layers, but model.moe_every=0 here; set model.moe_every "
                       "(e.g. 2) or drop init_from.")
-  for name in SHARED_MODEL_FIELDS:
-    mine, theirs = getattr(cfg.model, name), getattr(dense.model, name)
-    if mine != theirs:
-      raise ConfigError(f"init_from: model.{name}={mine!r} here but {theirs!r} in the dense run ({workdir}); set "
-                        f"--config.model.{name}={theirs!r}.")
-  if cfg.moe.expert_dim != dense.model.d_ff:
-    raise ConfigError(f"init_from: moe.expert_dim={cfg.moe.expert_dim} must equal the dense model.d_ff="
-                      f"{dense.model.d_ff} (every expert is a copy of the dense FFN); set "
-                      f"--config.moe.expert_dim={dense.model.d_ff}.")
-  if cfg.moe.activation != "swiglu":
-    raise ConfigError(f"init_from: moe.activation={cfg.moe.activation!r}, but the dense FFN is SwiGLU; set "
-                      "--config.moe.activation=swiglu.")
+  _check_shared(cfg, dense, workdir)
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.select_step(step)
@@ -99,8 +97,42 @@ def check_source(cfg: schema.RunConfig) -> Source:
   return Source(workdir=workdir, step=step, config=dense)
 
 
+def _check_hf_source(cfg: schema.RunConfig, directory: str) -> Source:
+  """A Hugging Face folder: its config.json in the family, its architecture = the run's (`hf.config.apply`)."""
+  path = os.path.join(directory, "config.json")
+  fields = hf_config.model_fields(hf_config.read(directory), path)
+  dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields), init_from="")
+  hf_weights.tensor_files(directory)  # a missing weight file or shard is one line now
+  if cfg.model.num_moe_layers:
+    _check_shared(cfg, dense, directory)
+  else:
+    for name in SHARED_MODEL_FIELDS:
+      if getattr(cfg.model, name) != getattr(dense.model, name):
+        raise ConfigError(f"init_from: model.{name}={getattr(cfg.model, name)!r} here but "
+                          f"{getattr(dense.model, name)!r} in {path}; drop the override.")
+  return Source(workdir=directory, step=0, config=dense, hf_dir=directory)
+
+
+def _check_shared(cfg: schema.RunConfig, dense: schema.RunConfig, where: str) -> None:
+  """The MoE run's shared model fields and experts against the dense model (one-line ConfigError)."""
+  for name in SHARED_MODEL_FIELDS:
+    mine, theirs = getattr(cfg.model, name), getattr(dense.model, name)
+    if mine != theirs:
+      raise ConfigError(f"init_from: model.{name}={mine!r} here but {theirs!r} in the dense run ({where}); set "
+                        f"--config.model.{name}={theirs!r}.")
+  if cfg.moe.expert_dim != dense.model.d_ff:
+    raise ConfigError(f"init_from: moe.expert_dim={cfg.moe.expert_dim} must equal the dense model.d_ff="
+                      f"{dense.model.d_ff} (every expert is a copy of the dense FFN); set "
+                      f"--config.moe.expert_dim={dense.model.d_ff}.")
+  if cfg.moe.activation != "swiglu":
+    raise ConfigError(f"init_from: moe.activation={cfg.moe.activation!r}, but the dense FFN is SwiGLU; set "
+                      "--config.moe.activation=swiglu.")
+
+
 def load_dense(source: Source, mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """The dense model's parameters (pure dict, replicated on `mesh`)."""
+  if source.hf_dir:
+    return hf_weights.load(source.hf_dir, source.config.model, mesh, log=log.info)
   _, abstract = model_lib.abstract_model(source.config, mesh)
   ckpt = checkpoints.Checkpointer(source.workdir, read_only=True)
   try:
@@ -178,6 +210,9 @@ def initialize(state: Any, cfg: schema.RunConfig, source: Source, mesh: jax.shar
   pure = nnx.to_pure_dict(state)
   new_state = jax.tree.map(lambda x: x, state)
   nnx.replace_by_pure_dict(new_state, {0: upcycled_model(pure[0], dense, cfg), 1: pure[1]})
-  log.info(f"Upcycled from {source.workdir} step {source.step}: every expert is a copy of its layer's dense FFN"
-           + (f" (noise {cfg.init_noise} x std)" if cfg.init_noise else "") + "; routers start fresh.")
+  if not cfg.model.num_moe_layers:
+    log.info(f"Dense model initialised from {source.workdir}.")
+  else:
+    log.info(f"Upcycled from {source.workdir} step {source.step}: every expert is a copy of its layer's dense FFN"
+             + (f" (noise {cfg.init_noise} x std)" if cfg.init_noise else "") + "; routers start fresh.")
   return new_state

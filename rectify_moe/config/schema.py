@@ -53,6 +53,8 @@ class DataConfig:
   chunk_bytes: int = field(64 * 1024, "text files larger than this are split at line boundaries into chunks of at "
                                       "most this size", min=1)
   tfds_download: bool = field(True, "allow downloading a registered TFDS dataset that is not prepared locally")
+  tokenizer: str = field("", "'byte' (259 ids), a tokenizer.json path, or 'hf:DIR' (DIR/tokenizer.json, BOS/EOS as "
+                             "DIR/config.json says); '' = 'byte', or the tokenizer of an init_from=hf:DIR")
   read_threads: int = field(2, "grain prefetch threads for training batches (0 = read on demand)", min=0)
   prefetch_batches: int = field(4, "grain prefetch buffer, in batches (0 = read on demand)", min=0)
 
@@ -66,10 +68,20 @@ class ModelConfig:
   num_heads: int = field(4, "attention heads (d_model % num_heads == 0)", kind=ARCHITECTURE, min=1)
   d_ff: int = field(512, "hidden width of the dense SwiGLU FFN layers", kind=ARCHITECTURE, min=1)
   moe_every: int = field(2, "an MoE FFN in every moe_every-th layer (0 = a dense model)", kind=ARCHITECTURE, min=0)
-  dtype: DType = field("float32", "activation dtype (parameters stay float32)")
+  dtype: DType = field("float32", "activation dtype (parameters are stored in model.param_dtype)")
   remat: bool = field(False, "rematerialise each block's activations in the backward pass (memory for speed)")
   rope_base: float = field(10000.0, "RoPE frequency base", kind=ARCHITECTURE, min=0.0, min_exclusive=True)
   tie_embeddings: bool = field(False, "share the input embedding with the output projection", kind=ARCHITECTURE)
+  # The Llama family's switches (an imported Hugging Face model sets them; rectify_moe/hf).
+  num_kv_heads: Optional[int] = field(None, "key/value heads of grouped-query attention (divides num_heads; None = "
+                                            "num_heads, multi-head attention)", kind=ARCHITECTURE, min=1)
+  head_dim: Optional[int] = field(None, "width of one attention head (None = d_model // num_heads)",
+                                  kind=ARCHITECTURE, min=1)
+  norm_eps: float = field(1e-6, "RMSNorm epsilon", kind=ARCHITECTURE, min=0.0)
+  qkv_bias: bool = field(False, "biases on the query, key and value projections (Qwen2)", kind=ARCHITECTURE)
+  attn_out_bias: bool = field(False, "a bias on the attention output projection", kind=ARCHITECTURE)
+  param_dtype: DType = field("float32", "storage dtype of the embeddings, attention and dense FFN weights (norms, "
+                                        "experts and routers stay float32); 'bfloat16' halves an imported model")
 
   def is_moe_layer(self, index: int) -> bool:
     return self.moe_every > 0 and index % self.moe_every == self.moe_every - 1
@@ -82,14 +94,24 @@ class ModelConfig:
   def moe_layer_indices(self) -> list[int]:
     return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def attn_head_dim(self) -> int:
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
   def validate(self) -> None:
     """Raises ConfigError naming the field and the fix."""
     check_section(self, "model")
-    if self.d_model % self.num_heads:
+    if self.head_dim is None and self.d_model % self.num_heads:
       raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}.")
-    if (self.d_model // self.num_heads) % 2:
-      raise ConfigError(f"head dim {self.d_model // self.num_heads} must be even for RoPE; change model.d_model or "
-                        "model.num_heads.")
+    if self.attn_head_dim % 2:
+      raise ConfigError(f"head dim {self.attn_head_dim} must be even for RoPE; change model.d_model, "
+                        "model.num_heads or model.head_dim.")
+    if self.num_heads % self.kv_heads:
+      raise ConfigError(f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}.")
 
   @classmethod
   def from_dict(cls, values: Any) -> "ModelConfig":
@@ -231,7 +253,8 @@ class TrainConfig:
 class RunConfig:
   """A whole run: the sections above and the seed."""
   seed: int = field(0, "parameter init and per-step RNG (Gating Dropout)")
-  init_from: str = field("", "upcycle a dense run: its workdir (latest checkpoint) or one checkpoint step folder; "
+  init_from: str = field("", "upcycle a dense run: its workdir (latest checkpoint) or one checkpoint step folder, or "
+                             "'hf:DIR', a local Hugging Face Llama-family folder (a dense run starts from it); "
                              "every expert starts as a copy of its layer's dense FFN (used when the workdir has no "
                              "checkpoint yet; '' = random init)")
   init_noise: float = field(0.0, "std of Gaussian noise added to each upcycled expert copy, relative to the std of "
@@ -260,6 +283,9 @@ def resolve(config: Any) -> tuple[RunConfig, list[str]]:
   """The config as a run uses it: `parse(config)` with the MoE options its router cannot use turned off (a greedy
   router takes no top-k, rectification, Gating Dropout or expert bias), and a 'moe.field=value' list of them."""
   cfg = parse(config)
+  if cfg.init_from.startswith("hf:"):  # the architecture (and tokenizer) of a Hugging Face folder
+    from rectify_moe.hf import config as hf_config  # pylint: disable=import-outside-toplevel (it imports schema)
+    cfg = hf_config.apply(cfg)
   if not cfg.model.num_moe_layers:
     return cfg, []
   moe_cfg, unused = routers.applicable(cfg.moe)

@@ -13,7 +13,8 @@ config name carries a fingerprint of the input files (paths, sizes, mtimes) and 
 shape the examples, so a stale prepared dataset is never reused. Documents go to ``validation`` when a
 stable SHA-1 score of their key is below ``data.heldout_fraction``, else to ``train``.
 
-Packing: every document becomes its UTF-8 bytes (token ``b + 3``) followed by ``EOS``; the documents of
+Packing (``data.tokenizer``, default the byte tokenizer; a tokenizer.json works the same way with its own ids):
+every document becomes its UTF-8 bytes (token ``b + 3``) followed by ``EOS``; the documents of
 a split are concatenated (in record order) into one stream of ``N`` tokens. Window ``i`` is
 ``stream[i*T : i*T + T + 1]`` with ``inputs = w[:-1]``, ``targets = w[1:]``; there are
 ``ceil((N - 1) / T)`` windows, the last one padded with ``PAD`` and ``token_mask=False``. Every stream
@@ -27,7 +28,7 @@ or a dict (missing keys take the defaults of ``schema.DataConfig``) and reads it
 :func:`as_data_config`.
 
 Modules, one concept each:
-  tokenizer   ByteTokenizer, PAD/BOS/EOS ids, VOCAB_SIZE.
+  tokenizer   ByteTokenizer, PAD/BOS/EOS ids, VOCAB_SIZE; JsonTokenizer (a tokenizer.json), load_tokenizer.
   config      as_data_config, validate_data_config, resolve_data_dir.
   files       stdlib file list, text-file patterns, held-out split by stable hash, line chunking.
   corpus      local corpora as a TFDS builder (TextCorpusBuilder, local_corpus_builder).
@@ -48,13 +49,14 @@ from rectify_moe.data.packing import PackedWindows, document_token_lengths
 from rectify_moe.data.pipeline import (EvalBatches, describe_split, make_eval_batches, make_packed_windows,
                                        make_train_dataset, make_train_iterator, open_split, per_process_batch_size)
 from rectify_moe.data.registered import is_online, open_registered_tfds
-from rectify_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from rectify_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, JsonTokenizer, load_tokenizer
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "VOCAB_SIZE", "VALID_SOURCES", "ByteTokenizer", "CorpusConfig",
     "DocumentRef", "EvalBatches", "PackedWindows", "TextCorpusBuilder", "as_data_config", "assign_splits",
     "chunk_at_line_boundaries", "describe_split", "document_token_lengths", "expand_text_files",
-    "heldout_score", "is_online", "list_stdlib_files", "local_corpus_builder", "make_eval_batches",
+    "heldout_score", "is_online", "JsonTokenizer", "load_tokenizer",
+    "list_stdlib_files", "local_corpus_builder", "make_eval_batches",
     "make_packed_windows", "make_train_dataset", "make_train_iterator", "open_registered_tfds", "open_split",
     "per_process_batch_size", "resolve_data_dir", "stdlib_dir", "validate_data_config",
 ]

@@ -1,6 +1,7 @@
 """Packing: random-access fixed-length windows over the concatenated token stream of some documents.
 
-Every document becomes its UTF-8 bytes (token ``b + 3``) followed by ``EOS``; the documents are
+Every document becomes its tokens (``tokenizer.document_tokens``; the byte tokenizer: its UTF-8 bytes as tokens
+``b + 3`` followed by ``EOS``; a tokenizer.json: [BOS] + tokens + EOS); the documents are
 concatenated (in record order) into one stream of ``N`` tokens. Window ``i`` is
 ``stream[i*T : i*T + T + 1]`` with ``inputs = w[:-1]``, ``targets = w[1:]``; there are
 ``ceil((N - 1) / T)`` windows, the last one padded with ``PAD`` and ``token_mask=False``. Every stream
@@ -15,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from rectify_moe.data.tokenizer import EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, as_bytes
+from rectify_moe.data.tokenizer import PAD_ID, ByteTokenizer, as_bytes
 
-# (dataset identity, split, text key) -> int64[num_documents] token lengths (bytes + EOS).
-_TOKEN_LENGTHS_CACHE: dict[tuple[str, str, str], np.ndarray] = {}
+# (dataset identity, split, text key, tokenizer identity) -> int64[num_documents] token lengths.
+_TOKEN_LENGTHS_CACHE: dict[tuple[str, ...], np.ndarray] = {}
 
 
 def _document_bytes(example: Any, text_key: str) -> bytes:
@@ -39,26 +40,31 @@ def _read_many(documents: Sequence[Any], indices: Sequence[int]) -> list[Any]:
 
 
 def document_token_lengths(documents: Sequence[Any], text_key: str = "text", *,
-                           cache_key: tuple[str, str, str] | None = None,
-                           read_batch: int = 256) -> np.ndarray:
-  """Token length of every document: UTF-8 bytes + 1 (EOS).
+                           cache_key: tuple[str, ...] | None = None,
+                           read_batch: int = 256, tokenizer: Any = None) -> np.ndarray:
+  """Token length of every document (the byte tokenizer: UTF-8 bytes + 1 (EOS)).
 
   Args:
     documents: random-access documents (feature dicts, str or bytes).
     text_key: feature holding the text in dict examples.
-    cache_key: when given, the result is kept in memory for this process and reused.
+    cache_key: when given, the result is kept in memory for this process and reused (the tokenizer's identity is
+      added to it).
     read_batch: records read per call.
+    tokenizer: ``data.tokenizer.load_tokenizer(...)``; None = the byte tokenizer.
 
   Returns:
     int64[num_documents].
   """
+  tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+  if cache_key is not None:
+    cache_key = (*cache_key, tokenizer.identity)
   if cache_key is not None and cache_key in _TOKEN_LENGTHS_CACHE:
     return _TOKEN_LENGTHS_CACHE[cache_key]
   lengths = np.empty(len(documents), dtype=np.int64)
   for start in range(0, len(documents), read_batch):
     indices = range(start, min(start + read_batch, len(documents)))
-    for index, example in zip(indices, _read_many(documents, indices)):
-      lengths[index] = len(_document_bytes(example, text_key)) + 1
+    raws = [_document_bytes(example, text_key) for example in _read_many(documents, indices)]
+    lengths[start: start + len(raws)] = tokenizer.document_lengths(raws)
   if cache_key is not None:
     _TOKEN_LENGTHS_CACHE[cache_key] = lengths
   return lengths
@@ -67,7 +73,7 @@ def document_token_lengths(documents: Sequence[Any], text_key: str = "text", *,
 class PackedWindows:
   """Random access to fixed-length windows of the concatenated token stream of some documents.
 
-  The stream is ``concat(bytes(doc) + 3, [EOS] for doc in documents)`` with ``N`` tokens; window
+  The stream is ``concat(tokenizer.document_tokens(doc) for doc in documents)`` with ``N`` tokens; window
   ``i`` covers stream positions ``[i*T, min(i*T + T + 1, N))``; there are ``ceil((N - 1) / T)``
   windows. Only the documents a window touches are read (a few recent ones are cached).
 
@@ -78,7 +84,7 @@ class PackedWindows:
   """
 
   def __init__(self, documents: Sequence[Any], *, seq_len: int, text_key: str = "text",
-               token_lengths: np.ndarray | None = None, cached_documents: int = 8):
+               token_lengths: np.ndarray | None = None, cached_documents: int = 8, tokenizer: Any = None):
     """Builds the index.
 
     Args:
@@ -87,14 +93,16 @@ class PackedWindows:
       text_key: feature holding the text in dict examples.
       token_lengths: int64[num_documents] precomputed by :func:`document_token_lengths`.
       cached_documents: how many tokenized documents to keep for neighbouring windows.
+      tokenizer: ``data.tokenizer.load_tokenizer(...)``; None = the byte tokenizer.
     """
     if int(seq_len) < 1:
       raise ValueError(f"seq_len={seq_len} must be >= 1.")
     self.seq_len = int(seq_len)
     self._documents = documents
     self._text_key = text_key
+    self.tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     if token_lengths is None:
-      token_lengths = document_token_lengths(documents, text_key)
+      token_lengths = document_token_lengths(documents, text_key, tokenizer=self.tokenizer)
     self._doc_ends = np.cumsum(np.asarray(token_lengths, dtype=np.int64), dtype=np.int64)
     self.num_tokens = int(self._doc_ends[-1]) if len(self._doc_ends) else 0
     self._num_windows = -(-(self.num_tokens - 1) // self.seq_len) if self.num_tokens > 1 else 0
@@ -118,27 +126,24 @@ class PackedWindows:
     state["_cache"] = collections.OrderedDict()
     return state
 
-  def _document_raw(self, index: int) -> bytes:
-    """UTF-8 bytes of document ``index`` (its tokens are these bytes + 3, then EOS)."""
-    raw = self._cache.get(index)
-    if raw is None:
-      raw = _document_bytes(self._documents[index], self._text_key)
+  def _document_tokens(self, index: int) -> np.ndarray:
+    """int32 tokens of document ``index`` (its EOS included)."""
+    tokens = self._cache.get(index)
+    if tokens is None:
+      tokens = self.tokenizer.document_tokens(_document_bytes(self._documents[index], self._text_key))
       expected = self._doc_ends[index] - (self._doc_ends[index - 1] if index else 0)
-      if len(raw) + 1 != expected:
-        raise RuntimeError(f"document {index} changed since indexing: {len(raw) + 1} tokens, "
+      if len(tokens) != expected:
+        raise RuntimeError(f"document {index} changed since indexing: {len(tokens)} tokens, "
                            f"expected {expected}; delete the prepared dataset and rerun.")
-      self._cache[index] = raw
+      self._cache[index] = tokens
       if len(self._cache) > self._cache_size:
         self._cache.popitem(last=False)
     else:
       self._cache.move_to_end(index)
-    return raw
+    return tokens
 
   def stream_slice(self, start: int, stop: int) -> np.ndarray:
-    """int32[stop - start] stream tokens ``[start, stop)``; requires ``0 <= start <= stop <= N``.
-
-    Only the needed bytes of each touched document are converted (tokens map 1:1 to bytes).
-    """
+    """int32[stop - start] stream tokens ``[start, stop)``; requires ``0 <= start <= stop <= N``."""
     if not 0 <= start <= stop <= self.num_tokens:
       raise IndexError(f"stream slice [{start}, {stop}) outside [0, {self.num_tokens}]")
     out = np.empty((stop - start,), np.int32)
@@ -151,14 +156,8 @@ class PackedWindows:
       doc_start = int(self._doc_ends[index - 1]) if index else 0
       lo = max(start, doc_start) - doc_start
       hi = min(stop, int(self._doc_ends[index])) - doc_start
-      raw = self._document_raw(index)
-      part = np.frombuffer(raw, np.uint8, count=max(min(hi, len(raw)) - lo, 0), offset=lo)
-      out[filled: filled + len(part)] = part
-      out[filled: filled + len(part)] += NUM_SPECIAL_TOKENS
-      filled += len(part)
-      if hi > len(raw):  # The slice reaches this document's EOS.
-        out[filled] = EOS_ID
-        filled += 1
+      out[filled: filled + hi - lo] = self._document_tokens(index)[lo:hi]
+      filled += hi - lo
     assert filled == len(out), (filled, len(out))
     return out
 

@@ -17,7 +17,7 @@ from rectify_moe.data.config import as_data_config, validate_data_config
 from rectify_moe.data.corpus import local_corpus_builder
 from rectify_moe.data.packing import PackedWindows, document_token_lengths
 from rectify_moe.data.registered import open_registered_tfds
-from rectify_moe.data.tokenizer import PAD_ID
+from rectify_moe.data.tokenizer import PAD_ID, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Documents of a split.
@@ -67,8 +67,9 @@ def make_packed_windows(data_cfg: Any, split: str, *, seq_len: int) -> PackedWin
     raise ValueError(f"seq_len={seq_len} must be >= 1; set config.model.seq_len (or equivalent).")
   cfg = as_data_config(data_cfg)
   documents, text_key, identity = open_split(cfg, split)
-  lengths = document_token_lengths(documents, text_key, cache_key=(identity, split, text_key))
-  return PackedWindows(documents, seq_len=seq_len, text_key=text_key, token_lengths=lengths)
+  tokenizer = load_tokenizer(cfg.tokenizer)
+  lengths = document_token_lengths(documents, text_key, cache_key=(identity, split, text_key), tokenizer=tokenizer)
+  return PackedWindows(documents, seq_len=seq_len, text_key=text_key, token_lengths=lengths, tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,8 +237,10 @@ def make_eval_batches(data_cfg: Any, *, seq_len: int, batch_size: int,
 
 
 def describe_split(data_cfg: Any, split: str) -> dict[str, int]:
-  """Size of one split: ``{"documents": ..., "tokens": ...}`` (tokens = bytes + one EOS per doc)."""
-  documents, text_key, identity = open_split(as_data_config(data_cfg), split)
-  lengths = document_token_lengths(documents, text_key, cache_key=(identity, split, text_key))
+  """Size of one split: ``{"documents": ..., "tokens": ...}`` (byte tokenizer: bytes + one EOS per doc)."""
+  cfg = as_data_config(data_cfg)
+  documents, text_key, identity = open_split(cfg, split)
+  lengths = document_token_lengths(documents, text_key, cache_key=(identity, split, text_key),
+                                   tokenizer=load_tokenizer(cfg.tokenizer))
   return {"documents": int(len(lengths)), "tokens": int(lengths.sum())}
 

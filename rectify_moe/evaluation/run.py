@@ -38,6 +38,8 @@ from rectify_moe import moe as moe_lib
 from rectify_moe.config import fields, schema
 from rectify_moe.evaluation import report
 from rectify_moe.evaluation.evaluator import Evaluator
+from rectify_moe.hf import config as hf_config
+from rectify_moe.hf import weights as hf_weights
 from rectify_moe.evaluation.swaps import ARCHITECTURE_FIELDS, ROUTING_FIELDS, EvalError, eval_capacity_factor, \
     router_specs
 from rectify_moe.workdir import Workdir
@@ -164,6 +166,33 @@ def restore_model(workdir: str, cfg: Any, mesh: jax.sharding.Mesh, step: Optiona
   return step, graphdef, abstract
 
 
+def import_model(cfg: schema.RunConfig, mesh: jax.sharding.Mesh):
+  """(0, graphdef, state) of the dense model of `cfg.init_from=hf:DIR`, read straight onto `mesh`."""
+  directory = hf_config.hf_dir(cfg.init_from)
+  graphdef, abstract = model_lib.abstract_model(cfg, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, nnx.to_pure_dict(abstract))
+  try:
+    params = hf_weights.load(directory, cfg.model, mesh, shardings=shardings)
+  except fields.ConfigError as e:
+    raise EvalError(str(e)) from None
+  nnx.replace_by_pure_dict(abstract, params)
+  return 0, graphdef, abstract
+
+
+def _import_config(config: Optional[Any], init_from: str) -> schema.RunConfig:
+  """The dense config of evaluating `init_from=hf:DIR` (the given config's data and eval settings, or defaults)."""
+  if hf_config.hf_dir(init_from) is None:
+    raise EvalError(f"--init_from={init_from!r}: give hf:DIR, a local Hugging Face folder (a train.py run is "
+                    "--workdir).")
+  base = schema.parse(config if config is not None else schema.default_config())
+  base = dataclasses.replace(base, init_from=init_from, model=dataclasses.replace(base.model, moe_every=0))
+  try:
+    hf_config.model_fields(hf_config.read(hf_config.hf_dir(init_from)))
+  except fields.ConfigError as e:
+    raise EvalError(str(e)) from None
+  return _parse(base)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +201,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
                         mesh_shape: Optional[Sequence[int]] = None, eval_batches: Optional[int] = None,
                         eval_batch_size: Optional[int] = None, output_dir: Optional[str] = None,
                         write: bool = True, plots: bool = True, dropless_reference: bool = False,
-                        log: Log = log_lib.info) -> dict[str, Any]:
+                        log: Log = log_lib.info, init_from: Optional[str] = None) -> dict[str, Any]:
   """Evaluates one checkpoint under its own router and every swap; writes results (see module doc).
 
   Args:
@@ -193,17 +222,24 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
       the row's "dropless_loss" and "dropless_loss_gap" (loss - dropless loss), and per MoE layer "dropless_rel_l2",
       the relative L2 distance of the layer's output to the dropless output of the same input.
     log: progress sink.
+    init_from: 'hf:DIR' evaluates the dense model of a Hugging Face folder instead of a checkpoint (`workdir` may
+      be None; results go to output_dir, else workdir/eval/0, else are only logged).
 
   Returns:
     The results dict that is written to results.json (`routers`: one entry per row, in order).
   """
-  if not os.path.isdir(workdir):
-    raise EvalError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
-  paths = Workdir(workdir)
   run_cfg = None
-  if config is None:
+  if init_from:
+    cfg = _import_config(config, init_from)
+    paths = Workdir(workdir or hf_config.hf_dir(init_from))
+    write = write and bool(output_dir or workdir)
+  elif not os.path.isdir(workdir or ""):
+    raise EvalError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
+  elif config is None:
+    paths = Workdir(workdir)
     cfg = run_cfg = _parse(load_run_config(workdir))
   else:
+    paths = Workdir(workdir)
     cfg = _parse(config)
     if os.path.isfile(paths.config_json):
       run_cfg = _parse(load_run_config(workdir))
@@ -222,10 +258,13 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
   distributed.maybe_initialize(cfg)
   mesh_dims = resolve_eval_mesh(cfg, mesh_shape, log_fn=log)
   mesh = sharding.make_mesh(*mesh_dims)
-  step, graphdef, state = restore_model(workdir, cfg, mesh, step)
+  if init_from:
+    step, graphdef, state = import_model(cfg, mesh)
+  else:
+    step, graphdef, state = restore_model(workdir, cfg, mesh, step)
   mesh_source = run_cfg if run_cfg is not None else cfg
   train_mesh = (mesh_source.mesh.data, mesh_source.mesh.expert)
-  log(f"Restored step {step} from {paths.checkpoints} onto mesh {dict(mesh.shape)} "
+  log(f"Restored step {step} from {cfg.init_from if init_from else paths.checkpoints} onto mesh {dict(mesh.shape)} "
       f"({jax.device_count()} {jax.default_backend()} device(s); trained on mesh {train_mesh}).")
   uses_ir = base_moe is not None and any(r.moe.ir_mode for r in routers)
   if uses_ir and train_mesh[1] > 0 and mesh_dims[1] != train_mesh[1]:

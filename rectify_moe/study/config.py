@@ -31,6 +31,9 @@ class StudyConfig:
   capacity_factors: str = field("0.5,1.0,1.5", "comma-separated capacity factors (training and evaluation)")
   seeds: int = field(3, "seeds 0..N-1 of every run (router init and data order); the dense run uses run.seed",
                      min=1)
+  dense_from: str = field("", "'hf:DIR': start from a local Hugging Face model (rectify_moe/hf) instead of "
+                              "pretraining one: every run takes DIR's architecture and tokenizer and upcycles it "
+                              "(dense_steps and dense_learning_rate are then unused)")
   dense_steps: int = field(600, "optimizer steps of the dense pretraining", min=1)
   dense_learning_rate: float = field(3e-3, "peak learning rate of the dense pretraining", min=0.0)
   steps: int = field(100, "optimizer steps of each continued (upcycled) run", min=1)
@@ -65,6 +68,8 @@ class StudyConfig:
   def validate(self) -> None:
     """Everything that can be checked before JAX starts; one-line ConfigError."""
     self.variant_names(), self.no_lb_names(), self.capacity_factor_values()
+    if self.dense_from and not self.dense_from.startswith("hf:"):
+      raise ConfigError(f"study.dense_from={self.dense_from!r}: give 'hf:DIR', a local Hugging Face folder.")
     if self.run.model.moe_every < 1:
       raise ConfigError("study.run.model.moe_every must be >= 1 (the MoE runs); the dense run sets it to 0 itself.")
     for name in self.no_lb_names():

@@ -78,6 +78,8 @@ def markdown(results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> s
   model = study["run"]["model"]
   moe = study["run"]["moe"]
   start = "from scratch" if study["from_scratch"] else f"upcycled from one dense run of {study['dense_steps']} steps"
+  if study.get("dense_from") and not study["from_scratch"]:
+    start = f"upcycled from the imported model {study['dense_from']}"
   seeds = study["seeds"]
   noise = float(np.mean([r["loss_std"] for r in rows if r["seeds"] > 1])) if seeds > 1 else float("nan")
   pair_sds = [(r["diff_ci_high"] - r["diff_ci_low"]) / 2 / t_quantile(r["diff_pairs"] - 1) * math.sqrt(r["diff_pairs"])

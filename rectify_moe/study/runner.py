@@ -28,6 +28,7 @@ from rectify_moe import evaluation, log, sharding, train_lib, variants
 from rectify_moe.config import fields, schema
 from rectify_moe.config.fields import ConfigError
 from rectify_moe.evaluation.evaluator import Evaluator
+from rectify_moe.hf import config as hf_config
 from rectify_moe.study.config import StudyConfig, vanilla_of
 
 RESULT_FILE = "study_result.json"
@@ -98,6 +99,16 @@ def run_config(study: StudyConfig, spec: RunSpec, dense_workdir: str) -> ml_coll
   return config
 
 
+def imported(study: StudyConfig) -> StudyConfig:
+  """With study.dense_from=hf:DIR, the study whose run template has DIR's architecture and tokenizer."""
+  if not study.dense_from:
+    return study
+  if not os.path.isdir(hf_config.hf_dir(study.dense_from)):
+    hf_config.read(hf_config.hf_dir(study.dense_from))  # one line: no such directory
+  run = hf_config.apply(dataclasses.replace(study.run, init_from=study.dense_from))
+  return dataclasses.replace(study, run=dataclasses.replace(run, init_from=""))
+
+
 def _check_identity(study: StudyConfig, workdir: str) -> None:
   """Writes WORKDIR/study.json, or refuses a rerun whose study config differs from the one that started it."""
   path = os.path.join(workdir, "study.json")
@@ -155,18 +166,29 @@ def execute(study: StudyConfig, workdir: str) -> dict[str, Any]:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   runs = plan(study)
   dense_dir = os.path.join(workdir, "dense")
+  study = imported(study)
   log.info(f"Study: {len(runs)} runs ({len(study.variant_names()) + len(study.no_lb_names())} variants x "
            f"{len(study.capacity_factor_values())} capacity factors x {study.seeds} seeds) "
            f"{'from scratch' if study.from_scratch else 'upcycled from one dense run'}; {jax.device_count()} "
            f"{jax.default_backend()} device(s), mesh ({study.run.mesh.data}, {study.run.mesh.expert}).")
   dense = _load(dense_dir)
+  if dense is None and study.dense_from:
+    start = time.time()
+    os.makedirs(dense_dir, exist_ok=True)
+    result = evaluation.evaluate_checkpoint(
+        fields.to_config_dict(study.run), None, init_from=study.dense_from, eval_batches=study.eval_batches,
+        eval_batch_size=study.eval_batch_size, write=False, plots=False, log=lambda message: None)["routers"][0]
+    dense = {"kind": "dense", "steps": 0, "from": study.dense_from, "seconds": time.time() - start,
+             **{k: result[k] for k in ("loss", "loss_se", "perplexity", "accuracy", "tokens", "mean")}}
+    _save(dense_dir, dense)
   if dense is None:
     start = time.time()
     _train(dense_config(study), dense_dir)
     dense = {"kind": "dense", "steps": study.dense_steps, **_evaluate(study, dense_dir),
              "seconds": time.time() - start}
     _save(dense_dir, dense)
-  log.info(f"[dense] {study.dense_steps} steps: held-out loss {dense['loss']:.4f} ± {dense['loss_se']:.4f} "
+  origin = study.dense_from or f"{study.dense_steps} steps"
+  log.info(f"[dense] {origin}: held-out loss {dense['loss']:.4f} ± {dense['loss_se']:.4f} "
            f"({dense['tokens']:,} tokens)")
   results = []
   for index, spec in enumerate(runs, start=1):
@@ -174,7 +196,7 @@ def execute(study: StudyConfig, workdir: str) -> dict[str, Any]:
     result = _load(run_dir)
     if result is None:
       start = time.time()
-      _train(run_config(study, spec, dense_dir), run_dir)
+      _train(run_config(study, spec, study.dense_from or dense_dir), run_dir)
       result = {"variant": spec.variant, "base_variant": spec.base_variant, "vanilla": spec.vanilla,
                 "no_lb": spec.no_lb, "capacity_factor": spec.capacity_factor, "seed": spec.seed,
                 **_evaluate(study, run_dir)}
