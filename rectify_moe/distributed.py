@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -26,7 +27,8 @@ from rectify_moe.config.fields import ConfigError
 FAILED_KEY = "rectify_moe/failed"
 HEARTBEAT_TIMEOUT_S = 10   # JAX's own detection of a vanished process (default 100 s)
 SHUTDOWN_TIMEOUT_S = 30    # how long a finished process waits for the others at exit (default 300 s)
-_state = {"watching": False, "done": False}
+_state = {"watching": False, "done": False, "thread": None}
+POLL_MS = 1_000
 
 
 def _int_env(name: str) -> Optional[int]:
@@ -102,7 +104,7 @@ def start_failure_watch() -> None:
   def watch():
     while not _state["done"]:
       try:
-        message = client.blocking_key_value_get(FAILED_KEY, 2_000)
+        message = client.blocking_key_value_get(FAILED_KEY, POLL_MS)
       except Exception as e:  # noqa: BLE001 - a timeout, or the coordinator is gone
         if _state["done"]:
           return
@@ -115,12 +117,19 @@ def start_failure_watch() -> None:
       sys.stdout.flush(), sys.stderr.flush()
       os._exit(1)
 
-  threading.Thread(target=watch, name="rectify_moe-failure-watch", daemon=True).start()
+  thread = threading.Thread(target=watch, name="rectify_moe-failure-watch", daemon=True)
+  _state["thread"] = thread
+  thread.start()
+  atexit.register(finished)  # runs before JAX's shutdown (registered earlier) and before daemon threads are killed
 
 
 def finished() -> None:
-  """This process is done (normally): the failure watch stays quiet from now on."""
+  """This process is done (normally): the failure watch stops (a daemon thread killed inside the coordination
+  client's C++ call at interpreter exit would abort the process)."""
   _state["done"] = True
+  thread = _state["thread"]
+  if thread is not None and thread is not threading.current_thread():
+    thread.join(timeout=2 * POLL_MS / 1000 + 1)
 
 
 def fail_job(message: str, code: int = 1) -> None:

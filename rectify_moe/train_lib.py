@@ -390,6 +390,8 @@ def _train(cfg: schema.RunConfig, paths: Workdir, mesh_shape: tuple[int, int], s
           name = signal.Signals(stop.signal).name if stop.signal is not None else "a stop signal (another process)"
           reason = f"stopped by {name}"
           log.info(f"Received {name}: saved checkpoint at step {step}; rerun to resume.")
+          if process_count > 1:
+            print(f"Process {process_index}: stopped with the others at step {step}.", flush=True)
           break
   finally:
     writer.close()
