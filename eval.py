@@ -34,6 +34,7 @@ flags.DEFINE_integer("eval_batches", None, "Held-out batches (default: train.eva
 flags.DEFINE_integer("eval_batch_size", None, "Rows per eval batch (default: train.eval_batch_size).")
 flags.DEFINE_string("output_dir", None, "Where to write results (default: workdir/eval/<step>).")
 flags.DEFINE_bool("plots", True, "Write the PNG plots.")
+flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier evaluation in the output folder.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -46,7 +47,7 @@ def main(argv, none_paths):
   sys.exit(evaluation.run_main(config, f.workdir, step=f.step, swaps=f.swap,
                                eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
                                eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
-                               output_dir=f.output_dir, plots=f.plots))
+                               output_dir=f.output_dir, plots=f.plots, overwrite=f.overwrite))
 
 
 if __name__ == "__main__":

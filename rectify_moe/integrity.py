@@ -129,7 +129,7 @@ def verify_restore(checkpointer: Any, step: int, state: Any, state_shardings: An
   except CorruptCheckpointError as e:
     error = str(e)
   except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
-    error = f"cannot be restored ({type(e).__name__}: {log.one_line(e, 160)})"
+    error = f"cannot be restored ({type(e).__name__}: {log.one_line(str(e).split('See full')[0], 160)})"
   if distributed.any_process(error is not None):
     raise CorruptCheckpointError(error or "another process could not restore it")
   saved = checkpointer.restore_integrity(step)
