@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
   """A 2-step run with checkpoints at steps 1 and 2."""
   tmp = tmp_path_factory.mktemp("robust")
   config = train_helpers.tiny_config(tmp, mesh=(2, 4), steps=2)
-  config.train.update(dict(checkpoint_every=1))
+  config.train.update(dict(checkpoint_every=1, eval_every=0))
   workdir = str(tmp / "run")
   train_lib.train_and_evaluate(config, workdir)
   return config, workdir
@@ -86,24 +86,18 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed
   assert os.listdir(os.path.join(workdir, integrity.REJECTED)) == ["2"]
 
 
-def test_no_good_checkpoint_refuses_and_a_run_resumes_past_a_bad_one(trained, tmp_path, capsys):
+def test_no_good_checkpoint_refuses_in_one_line(trained, tmp_path, capsys):
   config, _ = trained
   workdir = _copy(trained, tmp_path)
   _truncate(os.path.join(workdir, "checkpoints", "2"))
+  _empty_metadata(os.path.join(workdir, "checkpoints", "1"))
   config = config.copy_and_resolve_references()
   config.train.steps = 3
-  summary = train_lib.train_and_evaluate(config, workdir)  # resumes from 1, trains steps 2 and 3
-  assert summary["step"] == 3
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
-  assert steps == [2, 2, 3]  # the original run's log (log_every=2), then the resume from step 1
-
-  for step in os.listdir(os.path.join(workdir, "checkpoints")):
-    _empty_metadata(os.path.join(workdir, "checkpoints", step))
   capsys.readouterr()
   assert train_lib.run_main(config, workdir) == 2
   err = capsys.readouterr().err
-  assert "error: No good checkpoint in" in err and "use a new --workdir" in err
+  assert err.count("is bad: ") == 2 and "error: No good checkpoint in" in err and "use a new --workdir" in err
+  assert sorted(os.listdir(os.path.join(workdir, integrity.REJECTED))) == ["1", "2"]
 
 
 def test_changed_architecture_names_the_field_and_keeps_config_json(trained, tmp_path, capsys):
@@ -149,9 +143,9 @@ def test_workdir_lock_refuses_a_second_process_and_takes_over_a_stale_one(traine
 
 
 def test_nan_keeps_a_checkpoint_before_the_divergence_and_a_lower_lr_resumes(tmp_path, capsys):
-  config = train_helpers.tiny_config(tmp_path, mesh=(2, 4), steps=12)
+  config = train_helpers.tiny_config(tmp_path, mesh=(2, 4), steps=6)
   config.train.update(dict(learning_rate=1e6, warmup_steps=0, grad_clip=1e6, checkpoint_every=1, log_every=100,
-                           keep_checkpoints=20, write_loads=False))
+                           keep_checkpoints=20, write_loads=False, eval_every=0))
   workdir = str(tmp_path / "nan")
   capsys.readouterr()
   assert train_lib.run_main(config, workdir) == 3
@@ -164,7 +158,7 @@ def test_nan_keeps_a_checkpoint_before_the_divergence_and_a_lower_lr_resumes(tmp
   assert str(diverged - 1) in os.listdir(os.path.join(workdir, integrity.REJECTED))
   config.train.update(dict(learning_rate=1e-3, grad_clip=1.0))
   summary = train_lib.train_and_evaluate(config, workdir)
-  assert summary["step"] == 12 and np.isfinite(summary["train"]["loss"])
+  assert summary["step"] == 6 and np.isfinite(summary["train"]["loss"])
 
 
 def test_eval_labels_the_checkpoint_router_and_refuses_to_overwrite(trained, tmp_path):
