@@ -10,6 +10,7 @@ newest is tried; with none left the run refuses to start (it never silently star
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -49,6 +50,16 @@ def _leaf_finite(x: jax.Array) -> jax.Array:
   return jnp.asarray(True)
 
 
+def _sums_and_finite(arrays: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+  return [_leaf_sum(x) for x in arrays], [_leaf_finite(x) for x in arrays]
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(mesh: Optional[jax.sharding.Mesh]):
+  """One compiled checksum function per mesh (a new jit per call would compile at every save)."""
+  return jax.jit(_sums_and_finite, out_shardings=NamedSharding(mesh, P()) if mesh is not None else None)
+
+
 def checksums(state: Any) -> dict[str, Any]:
   """{leaf path: {"sum": uint32 bit sum, "finite": bool}} of a `(model, optimizer)` NNX state (a collective in a
   multi-process run: every process calls it)."""
@@ -56,9 +67,7 @@ def checksums(state: Any) -> dict[str, Any]:
   paths = [jax.tree_util.keystr(p) for p, _ in leaves]
   arrays = [x for _, x in leaves]
   mesh = next((x.sharding.mesh for x in arrays if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
-  out_shardings = NamedSharding(mesh, P()) if mesh is not None else None
-  sums, finite = jax.jit(lambda xs: ([_leaf_sum(x) for x in xs], [_leaf_finite(x) for x in xs]),
-                         out_shardings=out_shardings)(arrays)
+  sums, finite = _jitted(mesh)(arrays)
   host = lambda v: np.asarray(v.addressable_data(0)) if hasattr(v, "addressable_data") else np.asarray(v)
   return {p: {"sum": int(host(s)), "finite": bool(host(f))} for p, s, f in zip(paths, sums, finite)}
 

@@ -242,7 +242,8 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _reject_after_divergence(checkpointer: checkpoints.Checkpointer, diverged_at: int) -> tuple[list[int], Optional[int]]:
+def _reject_after_divergence(checkpointer: checkpoints.Checkpointer,
+                             diverged_at: int) -> tuple[list[int], Optional[int]]:
   """Moves aside the checkpoints not known to precede the divergence first seen at step `diverged_at` (the loss of
   step s is computed from checkpoint s-1, so checkpoints >= diverged_at - 1 are out); returns (moved, kept)."""
   bad = [s for s in checkpointer.all_steps() if s >= diverged_at - 1]
@@ -419,7 +420,7 @@ def run_main(config: ml_collections.ConfigDict, workdir: str) -> int:
     summary = train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError, WorkdirBusyError, integrity.CorruptCheckpointError,
           checkpoints.CheckpointError) as e:
-    log.error(log.one_line(e, 600))
+    log.error(log.one_line(e, 2000))
     code = 2
   except NonFiniteLossError as e:
     log.error(str(e))
