@@ -70,10 +70,11 @@ def settings(config: Any) -> Optional[dict[str, Any]]:
                       "--config.train.num_processes / --config.train.process_id), or start it with "
                       "python -m rectify_moe.launch.")
   if count is not None and not 0 <= index < count:
-    raise ConfigError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}).")
+    raise ConfigError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}) (or train.process_id / "
+                      "train.num_processes).")
   if count is not None and coordinator is None:
-    raise ConfigError(f"JAX_NUM_PROCESSES={count} is set but JAX_COORDINATOR_ADDRESS is not; set it to process 0's "
-                      "host:port (e.g. 127.0.0.1:12345).")
+    raise ConfigError(f"{count} processes are asked for (JAX_NUM_PROCESSES or train.num_processes) but "
+                      "JAX_COORDINATOR_ADDRESS is not set; set it to process 0's host:port (e.g. 127.0.0.1:12345).")
   return dict(coordinator_address=coordinator, num_processes=count, process_id=index)
 
 

@@ -53,6 +53,8 @@ def write(cfg: schema.RunConfig, mesh_shape: tuple[int, int], path: str) -> None
   """Writes the run's full config (the mesh actually used) to `path`, atomically."""
   saved = fields.to_config_dict(cfg)
   saved.mesh.data, saved.mesh.expert = mesh_shape
+  # How this run was launched is not part of it: eval.py or a resume may use another process count.
+  saved.train.num_processes, saved.train.process_id = 0, -1
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(saved.to_json_best_effort(indent=2))
