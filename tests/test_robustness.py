@@ -7,8 +7,10 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import train_helpers
 from rectify_moe import checkpoints, distributed, integrity, launch, sharding, train_lib
@@ -64,8 +66,16 @@ def _random_bytes(step_dir):
     f.write(np.random.default_rng(0).integers(0, 256, size // 2, dtype=np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _empty_metadata, _delete_manifest, _random_bytes],
-                         ids=["truncated_array_file", "empty_metadata", "deleted_manifest", "random_bytes"])
+def _other_steps_arrays(step_dir):
+  """Readable, finite arrays that are not this step's (files mixed up): only the stored checksum tells."""
+  model = os.path.join(step_dir, "model")
+  shutil.rmtree(model)
+  shutil.copytree(os.path.join(os.path.dirname(step_dir), "1", "model"), model)
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _empty_metadata, _delete_manifest, _random_bytes, _other_steps_arrays],
+                         ids=["truncated_array_file", "empty_metadata", "deleted_manifest", "random_bytes",
+                              "other_steps_arrays"])
 def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(trained, tmp_path, capsys, corrupt):
   config, _ = trained
   workdir = _copy(trained, tmp_path)
@@ -81,9 +91,24 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed
   lines = [line for line in err.splitlines() if line.strip()]
   assert len(lines) == 2, err  # one line for the bad checkpoint, one for the fallback; no traceback
   assert lines[0].startswith("WARNING: Checkpoint step 2 ") and "is bad: " in lines[0]
+  if corrupt is _other_steps_arrays:
+    assert "does not match its stored checksum" in lines[0], lines[0]
   assert "Resuming from step 1" in lines[1]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
   assert os.listdir(os.path.join(workdir, integrity.REJECTED)) == ["2"]
+
+
+def test_checksums_are_exact_and_name_the_altered_leaf():
+  w = jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32).reshape(8, 8)
+  state = nnx.State({"w": w, "count": jnp.arange(4, dtype=jnp.int32)})
+  sums = integrity.checksums(state)
+  assert sums == integrity.checksums(nnx.State({"w": w[::-1][::-1], "count": jnp.arange(4, dtype=jnp.int32)}))
+  altered = integrity.checksums(nnx.State({"w": w.at[3, 3].add(1e-7), "count": jnp.arange(4, dtype=jnp.int32)}))
+  with pytest.raises(integrity.CorruptCheckpointError, match=r"leaf \['w'\] does not match its stored checksum"):
+    integrity.compare(altered, sums)
+  broken = integrity.checksums(nnx.State({"w": w.at[0, 0].set(jnp.nan), "count": jnp.arange(4, dtype=jnp.int32)}))
+  with pytest.raises(integrity.CorruptCheckpointError, match=r"leaf \['w'\] holds NaN or inf"):
+    integrity.compare(broken, sums)
 
 
 def test_no_good_checkpoint_refuses_in_one_line(trained, tmp_path, capsys):
