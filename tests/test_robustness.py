@@ -88,8 +88,10 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed
   ckpt.close()
   err = capsys.readouterr().err
   assert step == 1 and data_state["step"] == 1
-  lines = [line for line in err.splitlines() if line.strip()]
-  assert len(lines) == 2, err  # one line for the bad checkpoint, one for the fallback; no traceback
+  # One line for the bad checkpoint, one for the fallback, no traceback. (Reads that TensorStore abandoned after the
+  # failed restore may be reported later by the garbage collector; pytest shows those as warnings, not ours.)
+  lines = [line for line in err.splitlines() if line.startswith(("WARNING: ", "error: "))]
+  assert len(lines) == 2 and "Traceback" not in err.split("Exception ignored")[0], err
   assert lines[0].startswith("WARNING: Checkpoint step 2 ") and "is bad: " in lines[0]
   if corrupt is _other_steps_arrays:
     assert "does not match its stored checksum" in lines[0], lines[0]
