@@ -141,7 +141,10 @@ def verify_restore(checkpointer: Any, step: int, state: Any, state_shardings: An
     error = f"cannot be restored ({type(e).__name__}: {log.one_line(str(e).split('See full')[0], 160)})"
   if distributed.any_process(error is not None):
     raise CorruptCheckpointError(error or "another process could not restore it")
-  saved = checkpointer.restore_integrity(step)
+  try:
+    saved = checkpointer.restore_integrity(step)
+  except Exception as e:  # noqa: BLE001
+    raise CorruptCheckpointError(f"its {INTEGRITY} item cannot be read ({type(e).__name__})") from None
   compare(checksums(restored), saved)
   return restored, data_state
 
