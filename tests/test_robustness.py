@@ -37,17 +37,21 @@ def _copy(trained, tmp_path):
   return workdir
 
 
-def _largest_data_file(step_dir):
+def _data_files(step_dir):
+  """The OCDBT data files of the model item (`d/` and `ocdbt.process_*/d/`); which one holds which array varies from
+  run to run, so every one is damaged."""
   files = []
   for root, _, names in os.walk(os.path.join(step_dir, "model")):
-    files += [os.path.join(root, n) for n in names if os.sep + "d" + os.sep in os.path.join(root, n) + os.sep]
-  return max(files, key=os.path.getsize)
+    if os.path.basename(root) == "d":
+      files += [os.path.join(root, n) for n in names]
+  assert files
+  return files
 
 
 def _truncate(step_dir):
-  path = _largest_data_file(step_dir)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+  for path in _data_files(step_dir):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _empty_metadata(step_dir):
@@ -59,11 +63,12 @@ def _delete_manifest(step_dir):
 
 
 def _random_bytes(step_dir):
-  path = _largest_data_file(step_dir)
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    f.seek(size // 4)
-    f.write(np.random.default_rng(0).integers(0, 256, size // 2, dtype=np.uint8).tobytes())
+  rng = np.random.default_rng(0)
+  for path in _data_files(step_dir):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      f.seek(size // 4)
+      f.write(rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes())
 
 
 def _other_steps_arrays(step_dir):
