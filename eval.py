@@ -43,6 +43,7 @@ flags.DEFINE_bool("dropless_reference", False, "Evaluate every router row also d
                   "dropless output.")
 flags.DEFINE_string("init_from", None, "hf:DIR: evaluate the dense model of a local Hugging Face folder instead of a "
                     "checkpoint (--workdir optional: where results go).")
+flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier evaluation in the output folder.")
 
 
 def main(argv, none_paths):
@@ -57,7 +58,7 @@ def main(argv, none_paths):
                                eval_capacity_factors=f.eval_capacity_factors, mesh_shape=f.mesh,
                                eval_batches=f.eval_batches, eval_batch_size=f.eval_batch_size,
                                output_dir=f.output_dir, plots=f.plots, dropless_reference=f.dropless_reference,
-                               init_from=f.init_from))
+                               init_from=f.init_from, overwrite=f.overwrite))
 
 
 if __name__ == "__main__":

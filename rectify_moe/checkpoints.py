@@ -3,7 +3,8 @@
 Each step holds three named Orbax items:
 - "model": the pure dict of the model's NNX state (parameters and router state, e.g. a hash table or expert bias);
 - "optimizer": the pure dict of the optimizer's state (AdamW moments, step counter, transforms' state);
-- "data": JSON, the data iterator position (and the step).
+- "data": JSON, the data iterator position (and the step);
+- "integrity": JSON, per leaf a checksum and whether it is finite (`integrity.py`; checked before a resume).
 Training restores all three into the shardings of its mesh; evaluation restores "model" alone onto any mesh whose
 expert axis divides E, after checking every parameter's shape. A step that cannot be read raises
 `CheckpointError` with one line.
@@ -25,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rectify_moe import log
 from rectify_moe.workdir import Workdir
 
-MODEL, OPTIMIZER, DATA = "model", "optimizer", "data"
+MODEL, OPTIMIZER, DATA, INTEGRITY = "model", "optimizer", "data", "integrity"
 
 
 class CheckpointError(Exception):
@@ -85,7 +86,7 @@ class Checkpointer:
     self.workdir = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     self.directory = self.workdir.checkpoints
     handlers = {MODEL: ocp.StandardCheckpointHandler(), OPTIMIZER: ocp.StandardCheckpointHandler(),
-                DATA: ocp.JsonCheckpointHandler()}
+                DATA: ocp.JsonCheckpointHandler(), INTEGRITY: ocp.JsonCheckpointHandler()}
     with quiet_orbax():  # the options of a read-only manager log warnings when they are made
       options = (ocp.CheckpointManagerOptions(read_only=True) if read_only
                  else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -97,12 +98,23 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Optional[dict] = None) -> None:
-    """Saves a `(model, optimizer)` NNX train state and the data position at `step`."""
+  def save(self, step: int, state: Any, data_state: Optional[dict] = None,
+           integrity: Optional[dict] = None) -> None:
+    """Saves a `(model, optimizer)` NNX train state and the data position at `step` (and `integrity.checksums`)."""
     pure = nnx.to_pure_dict(state)
-    self.manager.save(step, args=ocp.args.Composite(**{
-        MODEL: ocp.args.StandardSave(pure[0]), OPTIMIZER: ocp.args.StandardSave(pure[1]),
-        DATA: ocp.args.JsonSave(data_state or {})}), force=True)
+    items = {MODEL: ocp.args.StandardSave(pure[0]), OPTIMIZER: ocp.args.StandardSave(pure[1]),
+             DATA: ocp.args.JsonSave(data_state or {})}
+    if integrity is not None:
+      items[INTEGRITY] = ocp.args.JsonSave(integrity)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_integrity(self, step: int) -> Optional[dict]:
+    """The "integrity" item of `step` (None when the step has none: written before checksums existed)."""
+    if not os.path.isdir(os.path.join(self.workdir.checkpoint(step), INTEGRITY)):
+      return None
+    with quiet_orbax():
+      restored = self.manager.restore(step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()}))
+    return dict(restored[INTEGRITY] or {})
 
   def restore(self, step: int, state: Any, state_shardings: Any) -> tuple[Any, dict]:
     """Restores `step` into the structure and shardings of a `(model, optimizer)` state; returns (state, data)."""

@@ -24,13 +24,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rectify_moe import checkpoints, distributed, lm_loss, log, metrics, routers, sharding, upcycle
+from rectify_moe import checkpoints, distributed, integrity, lm_loss, log, metrics, routers, sharding, upcycle
 from rectify_moe import data as data_lib
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
-from rectify_moe.config import fields, schema
+from rectify_moe.config import fields, saved, schema
 from rectify_moe.evaluation.evaluator import Evaluator, batch_shardings, global_batch
 from rectify_moe.workdir import Workdir
+from rectify_moe.workdir_lock import WorkdirBusyError, WorkdirLock
 from rectify_moe.writers import MetricsWriter
 
 Array = jax.Array
@@ -243,11 +244,15 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _write_config(cfg: schema.RunConfig, mesh_shape: tuple[int, int], paths: Workdir) -> None:
-  saved = fields.to_config_dict(cfg)
-  saved.mesh.data, saved.mesh.expert = mesh_shape  # the mesh actually used (-1 resolved)
-  with open(paths.config_json, "w") as f:
-    f.write(saved.to_json_best_effort(indent=2))
+def _reject_after_divergence(checkpointer: checkpoints.Checkpointer,
+                             diverged_at: int) -> tuple[list[int], Optional[int]]:
+  """Moves aside the checkpoints not known to precede the divergence first seen at step `diverged_at` (the loss of
+  step s is computed from checkpoint s-1, so checkpoints >= diverged_at - 1 are out); returns (moved, kept)."""
+  bad = [s for s in checkpointer.all_steps() if s >= diverged_at - 1]
+  if bad:
+    integrity.reject_steps(checkpointer, bad)
+  good = checkpointer.all_steps()
+  return bad, (good[-1] if good else None)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -266,12 +271,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   distributed.maybe_initialize(cfg)
   mesh_shape = validate_config(cfg)
   paths = Workdir(workdir)
+  if checkpoints.exists(paths):  # a resume: the architecture cannot change
+    saved.check_unchanged(cfg, paths.config_json)
   # Upcycling starts a new run only; a workdir with checkpoints resumes from them.
   source = upcycle.check_source(cfg) if cfg.init_from and not checkpoints.exists(paths) else None
   os.makedirs(paths.root, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_config(cfg, mesh_shape, paths)
+  lock = WorkdirLock(paths.root).acquire() if jax.process_index() == 0 else None
+  try:
+    return _train(cfg, paths, mesh_shape, source)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train(cfg: schema.RunConfig, paths: Workdir, mesh_shape: tuple[int, int], source: Any) -> dict[str, Any]:
+  """The body of `train_and_evaluate`, with the workdir locked."""
   train_cfg = cfg.train
   moe_cfg = _moe_or_none(cfg)
   mesh = sharding.make_mesh(*mesh_shape)
@@ -295,18 +309,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                             batch_size=train_cfg.eval_batch_size // process_count,
                                             max_batches=train_cfg.eval_batches, process_index=process_index,
                                             process_count=process_count)
+  if process_index == 0:  # the config is written once the data and the model are set up
+    saved.write(cfg, mesh_shape, paths.config_json)
 
   checkpointer = checkpoints.Checkpointer(paths, keep=train_cfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
+  latest, state, data_state = integrity.restore_latest_good(checkpointer, state, state_shardings)
   start_step = latest or 0
   if latest is not None:
-    state, data_state = checkpointer.restore(start_step, state, state_shardings)
     if data_state.get("iterator") is not None:
       train_iter.set_state(data_state["iterator"])
     log.info(f"Resumed from step {start_step} ({checkpointer.directory}).")
   elif source is not None:
     state = upcycle.initialize(state, cfg, source, mesh)
-    checkpointer.save(0, state, {"iterator": train_iter.get_state(), "step": 0})  # the upcycled model, evaluable
+    checkpointer.save(0, state, {"iterator": train_iter.get_state(), "step": 0},  # the upcycled model, evaluable
+                      integrity=integrity.checksums(state))
   if start_step >= train_cfg.steps:
     log.info(f"Nothing to do: checkpoint step {start_step} >= train.steps={train_cfg.steps}.")
 
@@ -321,10 +337,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     nonlocal last_train, last_good_step
     for step, step_metrics in jax.device_get(pending):
       if not np.isfinite(step_metrics["loss"]):
+        checkpointer.wait()
+        moved, kept = _reject_after_divergence(checkpointer, step)
+        where = (f"the rerun resumes from step {kept}, the newest checkpoint whose next step was finite"
+                 if kept is not None else "no checkpoint precedes it, the rerun starts over")
         raise NonFiniteLossError(
-            f"Loss became {step_metrics['loss']} at step {step}. The last good checkpoint is step "
-            f"{checkpointer.latest_step()} in {checkpointer.directory} (nothing after it was saved). Lower "
-            f"train.learning_rate (now {train_cfg.learning_rate}) or raise train.warmup_steps, then rerun to resume.")
+            f"Loss became {step_metrics['loss']} at step {step}"
+            + (f" (checkpoints {', '.join(map(str, moved))} moved to {integrity.REJECTED}/)" if moved else "")
+            + f"; {where}. Lower train.learning_rate (now {train_cfg.learning_rate}) or raise train.warmup_steps, "
+            "then rerun with the same --workdir.")
       if "expert_demand" in step_metrics:
         writer.loads_trace(step, step_metrics.pop("expert_demand"), step_metrics.pop("expert_load"))
       last_train = {k: float(v) for k, v in step_metrics.items()}
@@ -336,7 +357,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   def save(step: int) -> None:
     if step in saved_steps:  # e.g. a stop signal on a step that was just checkpointed
       return
-    checkpointer.save(step, state, {"iterator": train_iter.get_state(), "step": step})
+    checkpointer.save(step, state, {"iterator": train_iter.get_state(), "step": step},
+                      integrity=integrity.checksums(state))
     saved_steps.add(step)
 
   step = start_step
@@ -349,7 +371,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         step += 1
         window_steps += 1
         pending.append((step, step_metrics))
-        if step % train_cfg.log_every == 0 or step in (train_cfg.steps, stop_at) or stop.signal is not None:
+        stopping = stop.signal is not None if process_count == 1 else distributed.any_process(stop.signal is not None)
+        if step % train_cfg.log_every == 0 or step in (train_cfg.steps, stop_at) or stopping:
           drain()
           elapsed = time.time() - window_start
           rate = tokens_per_step * window_steps / max(elapsed, 1e-9)
@@ -367,11 +390,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           drain()
           save(step)
         writer.flush()
-        if stop.signal is not None:
+        if stopping:
           drain()
           save(step)
-          reason = f"stopped by {signal.Signals(stop.signal).name}"
-          log.info(f"Received {signal.Signals(stop.signal).name}: saved checkpoint at step {step}; rerun to resume.")
+          name = signal.Signals(stop.signal).name if stop.signal is not None else "a stop signal (another process)"
+          reason = f"stopped by {name}"
+          log.info(f"Received {name}: saved checkpoint at step {step}; rerun to resume.")
+          if process_count > 1:
+            print(f"Process {process_index}: stopped with the others at step {step}.", flush=True)
           break
   finally:
     writer.close()
@@ -393,16 +419,31 @@ def progress_line(step: int, total: int, values: dict[str, float], tokens_per_se
 
 def run_main(config: ml_collections.ConfigDict, workdir: str) -> int:
   """train.py's body: clear one-line errors for bad configs and NaN losses; exit codes for scripts."""
+  checkpoints.drop_closed_loop_errors()
   try:
+    code = 0
     summary = train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError) as e:
-    log.error(str(e))
-    return 2
+  except (ValueError, FileNotFoundError, WorkdirBusyError, integrity.CorruptCheckpointError,
+          checkpoints.CheckpointError) as e:
+    log.error(log.one_line(e, 2000))
+    code = 2
   except NonFiniteLossError as e:
     log.error(str(e))
-    return 3
+    code = 3
   except KeyboardInterrupt:
     log.error("Interrupted by a second Ctrl-C: stopped without saving; rerun to resume from the last checkpoint.")
-    return 130
+    code = 130
+  except Exception as e:  # noqa: BLE001 - in a multi-process job, end the other processes too
+    if jax.process_count() > 1:
+      log.error(f"Process {jax.process_index()} failed: {type(e).__name__}: {log.one_line(e)}")
+      import traceback
+      traceback.print_exc()
+      distributed.fail_job(f"{type(e).__name__}: {log.one_line(e, 200)}")
+    raise
+  if code:
+    if jax.process_count() > 1:
+      distributed.fail_job(log.one_line(f"exit code {code}"), code)
+    return code
+  distributed.finished()
   log.info(f"Done: {summary['reason']} at step {summary['step']}. Outputs in {Workdir(workdir).root}.")
   return 0

@@ -2,7 +2,9 @@
 
   WORKDIR/
     config.json                 the run's full config (the mesh resolved), written by process 0
-    checkpoints/<step>/         Orbax checkpoints: items "model", "optimizer", "data"
+    checkpoints/<step>/         Orbax checkpoints: items "model", "optimizer", "data", "integrity"
+    checkpoints_rejected/       checkpoints that failed the integrity check or followed a divergence (integrity.py)
+    train.lock                  the training process that holds the workdir (workdir_lock.py)
     metrics.jsonl               one JSON object per logged train step / evaluation
     tensorboard/                TensorBoard event files
     loads/loads.jsonl           per-step expert demand and accepted load, [num_moe_layers, E] each

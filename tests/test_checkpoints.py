@@ -30,7 +30,7 @@ def test_workdir_layout_and_named_items(run):
     assert os.path.exists(path), path
   assert sorted(os.listdir(paths.checkpoints)) == ["1", "2"]
   items = sorted(d for d in os.listdir(paths.checkpoint(2)) if os.path.isdir(os.path.join(paths.checkpoint(2), d)))
-  assert items == ["data", "model", "optimizer"]
+  assert items == ["data", "integrity", "model", "optimizer"]
 
 
 def test_restore_model_only_equals_the_model_of_the_full_restore(run):

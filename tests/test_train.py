@@ -207,7 +207,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
   real = train_lib.make_optimizer
   monkeypatch.setattr(train_lib, "make_optimizer",
                       lambda train, moe_cfg=None: real(dataclasses.replace(train, learning_rate=float("nan")), moe_cfg))
-  with pytest.raises(train_lib.NonFiniteLossError, match="Loss became nan at step 4.*last good checkpoint is step 2"):
+  with pytest.raises(train_lib.NonFiniteLossError, match="Loss became nan at step 4.*resumes from step 2"):
     train_lib.train_and_evaluate(config, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps == [2]

@@ -244,6 +244,9 @@ class TrainConfig:
                             min=0)
   distributed: Distributed = field("auto", "jax.distributed.initialize() for multi-host runs: 'auto' (when a "
                                            "launcher is detected), 'on', 'off'")
+  num_processes: int = field(0, "processes of a multi-process run (0 = JAX_NUM_PROCESSES or cluster detection)",
+                             min=0)
+  process_id: int = field(-1, "this process's index (-1 = JAX_PROCESS_ID or cluster detection)", min=-1)
 
   # Older spellings of a value that `from_mapping` maps to the current one.
   ALIASES = {"distributed": {True: "on", False: "off", "true": "on", "false": "off", "True": "on", "False": "off"}}

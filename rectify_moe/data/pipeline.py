@@ -5,6 +5,7 @@ batches (deterministic, in order, every held-out target counted once over all pr
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -93,6 +94,10 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+def _rows_of_process(batch: dict[str, np.ndarray], start: int, size: int) -> dict[str, np.ndarray]:
+  return {k: v[start:start + size] for k, v in batch.items()}
+
+
 def make_train_dataset(data_cfg: Any, *, seq_len: int, global_batch_size: int, seed: int,
                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The training pipeline as a grain ``IterDataset`` (see :func:`make_train_iterator`)."""
@@ -100,19 +105,18 @@ def make_train_dataset(data_cfg: Any, *, seq_len: int, global_batch_size: int, s
   batch_size = per_process_batch_size(global_batch_size, process_count)
   cfg = as_data_config(data_cfg)
   windows = make_packed_windows(cfg, cfg.train_split, seq_len=seq_len)
-  shard_size = len(range(process_index, len(windows), process_count))
-  if shard_size < batch_size:
+  if len(windows) < global_batch_size:
     raise ValueError(
         f"train split {cfg.train_split!r} has {windows.num_tokens} tokens = "
-        f"{len(windows)} windows of seq_len={seq_len}; process {process_index} of {process_count} "
-        f"gets {shard_size}, fewer than its batch of {batch_size}; lower the batch size or seq_len, "
-        "or add more text.")
+        f"{len(windows)} windows of seq_len={seq_len}, fewer than the global batch of {global_batch_size}; "
+        "lower the batch size or seq_len, or add more text.")
   dataset = grain.MapDataset.source(windows)
-  if process_count > 1:
-    dataset = dataset[process_index::process_count]
-  # Shuffle before repeat: every epoch is a fresh (seeded) permutation of this process's windows.
+  # Shuffle before repeat: every epoch is a fresh (seeded) permutation of the windows. The order is one of global
+  # batches, whatever the process count: process p takes rows [p*b, (p+1)*b) of each.
   dataset = dataset.shuffle(seed=int(seed)).repeat(None)
-  dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset.batch(global_batch_size, drop_remainder=True)
+  if process_count > 1:
+    dataset = dataset.map(functools.partial(_rows_of_process, start=process_index * batch_size, size=batch_size))
   read_options = grain.ReadOptions(num_threads=cfg.read_threads,
                                    prefetch_buffer_size=cfg.prefetch_batches)
   iter_dataset = dataset.to_iter_dataset(read_options)
@@ -128,8 +132,9 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, global_batch_size: int, 
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """An endless, checkpointable iterator over this process's training batches.
 
-  Windows of the train split are split across processes (``windows[process_index::process_count]``),
-  shuffled with ``seed`` (a new permutation every epoch, deterministic), repeated forever and batched.
+  Windows of the train split are shuffled with ``seed`` (a new permutation every epoch, deterministic), repeated
+  forever and batched into global batches; process ``p`` takes rows ``[p*b, (p+1)*b)`` of each, so the global
+  batches (and the iterator state: global batches consumed) do not depend on the process count.
   Save and restore the position with ``it.get_state()`` / ``it.set_state(state)``.
 
   Args:
@@ -161,8 +166,9 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, global_batch_size: int, 
 class EvalBatches:
   """Deterministic, re-iterable batches over the windows of a held-out split, in order.
 
-  Process ``p`` of ``P`` takes windows ``p, p + P, ...``; every process yields the same number of
-  batches; missing rows are all PAD with ``token_mask=False``, so each target of the split is counted
+  Global batch ``g`` holds windows ``[g*B, (g+1)*B)`` (``B = P * batch_size``), process ``p`` of ``P`` its rows
+  ``[p*b, (p+1)*b)``, so the global batches do not depend on the process count; every process yields the same
+  number of batches; missing rows are all PAD with ``token_mask=False``, so each target of the split is counted
   exactly once over all processes.
   """
 
@@ -175,8 +181,7 @@ class EvalBatches:
     self.batch_size = int(batch_size)
     self.process_index = process_index
     self.process_count = process_count
-    windows_per_process = -(-len(windows) // process_count)
-    num_batches = -(-windows_per_process // self.batch_size)
+    num_batches = -(-len(windows) // (self.batch_size * process_count))
     if max_batches is not None:
       num_batches = min(num_batches, max(int(max_batches), 0))
     self._num_batches = num_batches
@@ -186,8 +191,8 @@ class EvalBatches:
 
   def window_indices(self, batch: int) -> np.ndarray:
     """int64[batch_size] window index of each row of ``batch`` (-1 for padding rows)."""
-    local = batch * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-    indices = local * self.process_count + self.process_index
+    first = (batch * self.process_count + self.process_index) * self.batch_size
+    indices = first + np.arange(self.batch_size, dtype=np.int64)
     return np.where(indices < len(self.windows), indices, -1)
 
   def _batch(self, batch: int) -> dict[str, np.ndarray]:

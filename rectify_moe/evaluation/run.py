@@ -201,7 +201,8 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
                         mesh_shape: Optional[Sequence[int]] = None, eval_batches: Optional[int] = None,
                         eval_batch_size: Optional[int] = None, output_dir: Optional[str] = None,
                         write: bool = True, plots: bool = True, dropless_reference: bool = False,
-                        log: Log = log_lib.info, init_from: Optional[str] = None) -> dict[str, Any]:
+                        log: Log = log_lib.info, init_from: Optional[str] = None,
+                        overwrite: bool = False) -> dict[str, Any]:
   """Evaluates one checkpoint under its own router and every swap; writes results (see module doc).
 
   Args:
@@ -224,6 +225,7 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     log: progress sink.
     init_from: 'hf:DIR' evaluates the dense model of a Hugging Face folder instead of a checkpoint (`workdir` may
       be None; results go to output_dir, else workdir/eval/0, else are only logged).
+    overwrite: replace the results of an earlier evaluation in the output folder (else EvalError).
 
   Returns:
     The results dict that is written to results.json (`routers`: one entry per row, in order).
@@ -253,7 +255,15 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
       cfg.train, eval_batches=int(eval_batches or cfg.train.eval_batches),
       eval_batch_size=int(eval_batch_size or cfg.train.eval_batch_size)))
   base_moe = cfg.moe if cfg.model.num_moe_layers else None
-  routers = router_specs(base_moe, swaps, eval_capacity_factors)
+  config_overrides = {}
+  if base_moe is not None and run_cfg is not None and run_cfg is not cfg:
+    # The "checkpoint" row is the checkpoint's own router; routing that --config changes is a swap row.
+    config_overrides = {k: getattr(base_moe, k) for k in ROUTING_FIELDS
+                        if getattr(base_moe, k) != getattr(run_cfg.moe, k)}
+    if config_overrides:
+      base_moe = dataclasses.replace(base_moe, **{k: getattr(run_cfg.moe, k) for k in config_overrides})
+      cfg = dataclasses.replace(cfg, moe=base_moe)
+  routers = router_specs(base_moe, swaps, eval_capacity_factors, config_overrides)
 
   distributed.maybe_initialize(cfg)
   mesh_dims = resolve_eval_mesh(cfg, mesh_shape, log_fn=log)
@@ -262,6 +272,10 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
     step, graphdef, state = import_model(cfg, mesh)
   else:
     step, graphdef, state = restore_model(workdir, cfg, mesh, step)
+  out = output_dir or paths.eval_dir(step)
+  if write and not overwrite and os.path.isfile(os.path.join(out, "results.json")):
+    raise EvalError(f"{os.path.join(os.path.abspath(out), 'results.json')} holds an earlier evaluation; pass "
+                    "--overwrite to replace it, or --output_dir=<another folder>.")
   mesh_source = run_cfg if run_cfg is not None else cfg
   train_mesh = (mesh_source.mesh.data, mesh_source.mesh.expert)
   log(f"Restored step {step} from {cfg.init_from if init_from else paths.checkpoints} onto mesh {dict(mesh.shape)} "
@@ -337,7 +351,6 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
   log("")
   log(table)
   if write and jax.process_index() == 0:
-    out = output_dir or paths.eval_dir(step)
     written = report.write_outputs(results, out, plots=plots)
     results["outputs"] = written
     log(f"Wrote {', '.join(os.path.basename(p) for p in written)} to {os.path.abspath(out)}.")

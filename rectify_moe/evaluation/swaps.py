@@ -131,13 +131,16 @@ def _router_swap(spec: str, value: Any, base: MoEConfig) -> str:
 
 
 def router_specs(base: Optional[MoEConfig], swaps: Sequence[str] = (),
-                 eval_capacity_factors: Sequence[float] = ()) -> list[RouterSpec]:
+                 eval_capacity_factors: Sequence[float] = (),
+                 config_overrides: Optional[dict[str, Any]] = None) -> list[RouterSpec]:
   """The routers to evaluate: the checkpoint's own, each swap, then each of those at each capacity factor.
 
   Args:
     base: the checkpoint's MoE config (None for a dense model: no swaps possible).
     swaps: swap specs (see `parse_swap`); "presets" expands to vanilla, ir, fr, ir_fr.
     eval_capacity_factors: sweep every router (the checkpoint's and each swap) over these factors.
+    config_overrides: routing fields where eval.py's --config differs from the checkpoint's router: a swap row
+      "--config (...)" after the checkpoint's own.
 
   Raises:
     EvalError: a bad swap, or one that gives an invalid MoE config.
@@ -162,6 +165,9 @@ def router_specs(base: Optional[MoEConfig], swaps: Sequence[str] = (),
     return RouterSpec(label, overrides, cfg)
 
   rows = [make(f"checkpoint ({moe_lib.describe(base)})", {})]
+  if config_overrides:
+    rows.append(make(f"--config ({moe_lib.describe(dataclasses.replace(base, **config_overrides))})",
+                     dict(config_overrides)))
   for spec in expanded:
     overrides = parse_swap(spec, base)
     label = spec
