@@ -17,7 +17,6 @@ Every mismatch is one line before anything compiles (`check_source`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -27,7 +26,7 @@ from flax import nnx
 
 from rectify_moe import checkpoints, log
 from rectify_moe import model as model_lib
-from rectify_moe.config import schema
+from rectify_moe.config import saved, schema
 from rectify_moe.config.fields import ARCHITECTURE, ConfigError, names_of_kind
 from rectify_moe.hf import config as hf_config
 from rectify_moe.hf import weights as hf_weights
@@ -74,12 +73,10 @@ def check_source(cfg: schema.RunConfig) -> Source:
     return _check_hf_source(cfg, directory)
   workdir, step = locate(cfg.init_from)
   paths = Workdir(workdir)
-  try:
-    with open(paths.config_json) as f:
-      dense = schema.parse(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"init_from: cannot read the dense run's {paths.config_json} ({log.one_line(e)}); "
-                      "init_from must be a workdir written by train.py.") from None
+  fix = "init_from must be a workdir written by train.py"
+  dense = saved.load(paths.config_json, fix)
+  if dense is None:
+    raise ConfigError(f"init_from: the dense run has no {paths.config_json}; {fix}.")
   if dense.model.num_moe_layers:
     raise ConfigError(f"init_from={cfg.init_from!r} is an MoE run (model.moe_every={dense.model.moe_every}); "
                       "upcycling starts from a dense run (model.moe_every=0, e.g. configs/dense.py).")

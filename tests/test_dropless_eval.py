@@ -15,7 +15,7 @@ from configs import paper
 from rectify_moe import data as data_lib
 from rectify_moe import checkpoints, dropless, lm_loss, model as model_lib, sharding, train_lib
 from rectify_moe import evaluation as eval_lib
-from rectify_moe.config import schema
+from rectify_moe.config import saved, schema
 import train_helpers
 from rectify_moe.workdir import Workdir
 
@@ -31,7 +31,7 @@ def evaluated(tmp_path_factory):
   workdir = str(tmp / "run")
   paths = Workdir(workdir)
   os.makedirs(paths.root)
-  train_lib._write_config(cfg, (1, 2), paths)
+  saved.write(cfg, (1, 2), paths.config_json)
   _, state, _ = train_lib.create_train_state(cfg, sharding.make_mesh(1, 2))
   ckpt = checkpoints.Checkpointer(paths)
   ckpt.save(0, state, {})

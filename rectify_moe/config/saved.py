@@ -15,8 +15,9 @@ from rectify_moe.config import fields, schema
 from rectify_moe.config.fields import ConfigError
 
 
-def load(path: str) -> Optional[schema.RunConfig]:
-  """The resolved config saved at `path` (None when there is none; ConfigError when it cannot be read)."""
+def load(path: str, fix: str = "restore it or use a new --workdir") -> Optional[schema.RunConfig]:
+  """The resolved config saved at `path` (None when there is none; ConfigError ending in `fix` when it cannot be
+  read)."""
   if not os.path.isfile(path):
     return None
   try:
@@ -25,7 +26,7 @@ def load(path: str) -> Optional[schema.RunConfig]:
     return schema.resolve(values)[0]
   except (OSError, ValueError) as e:
     raise ConfigError(f"Cannot read the saved config {path} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                      "restore it or use a new --workdir.") from None
+                      f"{fix}.") from None
 
 
 def architecture_fields(cfg: schema.RunConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 from rectify_moe import checkpoints, sharding
 from rectify_moe import model as model_lib
-from rectify_moe.config import schema
+from rectify_moe.config import saved, schema
 from rectify_moe.config.fields import ConfigError
 from rectify_moe.hf import config as hf_config
 from rectify_moe.hf import weights
@@ -128,12 +128,10 @@ def mixtral_refusal(model: schema.ModelConfig, moe: Optional[schema.MoEConfig]) 
 def export_run(workdir: str, out_dir: str, *, step: Optional[int] = None, dtype: str = "float32") -> list[str]:
   """Exports checkpoint `step` (default: the latest) of a dense training run."""
   paths = Workdir(workdir)
-  try:
-    with open(paths.config_json) as f:
-      cfg = schema.parse(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"export: cannot read {paths.config_json} ({str(e).splitlines()[0]}); --workdir must be a "
-                      "train.py workdir.") from None
+  fix = "--workdir must be a train.py workdir"
+  cfg = saved.load(paths.config_json, fix)
+  if cfg is None:
+    raise ConfigError(f"export: no {paths.config_json}; {fix}.")
   if cfg.model.num_moe_layers and mixtral_refusal(cfg.model, cfg.moe):
     raise ConfigError(mixtral_refusal(cfg.model, cfg.moe))
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
