@@ -33,6 +33,11 @@ class CheckpointError(Exception):
   """A checkpoint that is missing, does not match the model, or cannot be read; one line with the fix."""
 
 
+class ConfigMismatchError(CheckpointError):
+  """The config's parameters do not fit a checkpoint (names, shapes or dtypes): the user's to fix, the checkpoint is
+  fine."""
+
+
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
   """Orbax logs warnings (read-only manager, unregistered items) that are noise for users."""
@@ -141,6 +146,10 @@ class Checkpointer:
 
   def model_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """{'blocks/1/ffn/w_up': shape} of the model saved at `step` (CheckpointError if unreadable)."""
+    return {k: shape for k, (shape, _) in self.model_leaves(step).items()}
+
+  def model_leaves(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'blocks/1/ffn/w_up': (shape, dtype name)} of the model saved at `step` (CheckpointError if unreadable)."""
     where = self.workdir.checkpoint(step)
     try:
       with quiet_orbax():
@@ -152,7 +161,7 @@ class Checkpointer:
     if not saved:
       raise CheckpointError(f"Checkpoint {where} is corrupt or incomplete: no item {MODEL!r} in it (or an older "
                             "rectify-moe wrote it). Pick another step with --step.")
-    return {k: tuple(getattr(v, "shape", ())) for k, v in flatten(dict(saved)).items()}
+    return {k: (tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", ""))) for k, v in flatten(dict(saved)).items()}
 
   def restore_model(self, step: int, target: Any) -> Any:
     """The "model" item of `step` restored into `target` (ShapeDtypeStructs with shardings, `abstract_target`),
@@ -188,20 +197,30 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_dtypes(saved: Mapping[str, tuple[tuple[int, ...], str]], target: Mapping, step: int) -> None:
+  """Raises ConfigMismatchError at the first parameter stored in another dtype than the config's (model.param_dtype)."""
+  for name, leaf in flatten(target).items():
+    stored = saved.get(name, ((), ""))[1]
+    if stored and stored != str(leaf.dtype):
+      raise ConfigMismatchError(f"The config does not match checkpoint step {step}: parameter {name} is {stored} "
+                                f"in the checkpoint but {leaf.dtype} from the config; resume with the "
+                                "model.param_dtype the checkpoints were written with, or use a new --workdir.")
+
+
 def check_shapes(saved: Mapping[str, tuple[int, ...]], target: Mapping, step: int) -> None:
-  """Raises CheckpointError at the first parameter that is missing or has another shape in the checkpoint."""
+  """Raises ConfigMismatchError at the first parameter that is missing or has another shape in the checkpoint."""
   wanted = {k: tuple(v.shape) for k, v in flatten(target).items()}
   for name, shape in wanted.items():
     if name not in saved:
-      raise CheckpointError(f"The config does not match checkpoint step {step}: parameter {name} {shape} is not in "
-                            "the checkpoint (check model.tie_embeddings / num_layers / moe_every / moe.activation / "
-                            "moe.router).")
+      raise ConfigMismatchError(f"The config does not match checkpoint step {step}: parameter {name} {shape} is not in "
+                              "the checkpoint (check model.tie_embeddings / num_layers / moe_every / moe.activation / "
+                              "moe.router).")
     if saved[name] != shape:
-      raise CheckpointError(f"The config does not match checkpoint step {step}: parameter {name} has shape "
-                            f"{saved[name]} in the checkpoint but {shape} from the config.")
+      raise ConfigMismatchError(f"The config does not match checkpoint step {step}: parameter {name} has shape "
+                              f"{saved[name]} in the checkpoint but {shape} from the config.")
   extra = sorted(set(saved) - set(wanted))
   if extra:
-    raise CheckpointError(f"The config does not match checkpoint step {step}: the checkpoint has parameter "
+    raise ConfigMismatchError(f"The config does not match checkpoint step {step}: the checkpoint has parameter "
                           f"{extra[0]} {saved[extra[0]]}, which the config's model lacks.")
 
 

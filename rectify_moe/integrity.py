@@ -132,10 +132,18 @@ def verify_restore(checkpointer: Any, step: int, state: Any, state_shardings: An
   error = None
   try:
     check_files(step_dir)
+    # A config that does not fit the checkpoint is the user's to fix, not a corrupt file: raise, move nothing.
+    leaves, target = checkpointer.model_leaves(step), nnx.to_pure_dict(state)[0]
+    checkpoints.check_shapes({k: shape for k, (shape, _) in leaves.items()}, target, step)
+    checkpoints.check_dtypes(leaves, target, step)
     with checkpoints.quiet_orbax():
       restored, data_state = checkpointer.restore(step, state, state_shardings)
       jax.block_until_ready(restored)
   except CorruptCheckpointError as e:
+    error = str(e)
+  except checkpoints.ConfigMismatchError:
+    raise
+  except checkpoints.CheckpointError as e:
     error = str(e)
   except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
     error = f"cannot be restored ({type(e).__name__}: {log.one_line(str(e).split('See full')[0], 160)})"

@@ -84,6 +84,10 @@ def check_source(cfg: schema.RunConfig) -> Source:
     raise ConfigError("init_from upcycles into MoE layers, but model.moe_every=0 here; set model.moe_every "
                       "(e.g. 2) or drop init_from.")
   _check_shared(cfg, dense, workdir)
+  mine, theirs = (c.data.tokenizer or "byte" for c in (cfg, dense))
+  if mine != theirs:  # the embeddings are indexed by the dense run's token ids
+    raise ConfigError(f"init_from: data.tokenizer={mine!r} here but {theirs!r} in the dense run ({workdir}); set "
+                      f"--config.data.tokenizer={theirs!r}.")
   ckpt = checkpoints.Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.select_step(step)

@@ -224,6 +224,7 @@ def test_bfloat16_parameters_load_and_stay_close(checkpoints):
   mesh = sharding.make_mesh(1, 1)
   params = hf_weights.load(folder, cfg.model, mesh)
   assert params["blocks"][0]["attn"]["wq"].dtype == jnp.bfloat16
+  assert params["blocks"][0]["attn_norm"]["scale"].dtype == jnp.float32  # norms stay float32
   got = _logits(cfg, mesh, params, TOKENS[:2])
   np.testing.assert_allclose(got, reference_logits(hf, tensors, TOKENS[:2]), atol=0.1)
 
@@ -289,6 +290,7 @@ def test_an_upcycled_vanilla_top2_moe_exports_as_mixtral_and_rectify_routers_are
   hf_export.export(params, cfg.model, out, moe=cfg.moe)
   hf = hf_config.read(out)
   assert hf["architectures"] == ["MixtralForCausalLM"] and hf["num_experts_per_tok"] == 2
+  assert hf["intermediate_size"] == cfg.moe.expert_dim and hf["num_local_experts"] == 8
   from safetensors.numpy import load_file
   tensors = load_file(os.path.join(out, "model.safetensors"))
   tokens = np.random.default_rng(2).integers(0, VOCAB, (16, 32)).astype(np.int32)

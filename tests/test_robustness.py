@@ -153,6 +153,25 @@ def test_changed_architecture_names_the_field_and_keeps_config_json(trained, tmp
   assert open(path).read() == before
 
 
+def test_a_config_that_does_not_fit_the_checkpoints_is_one_line_and_moves_nothing(trained, tmp_path):
+  config, _ = trained
+  workdir = _copy(trained, tmp_path)
+  changed = config.copy_and_resolve_references()
+  changed.model.param_dtype = "bfloat16"
+  with pytest.raises(fields.ConfigError, match=r"model\.param_dtype='bfloat16' but this workdir's checkpoints have "
+                                               r"model\.param_dtype='float32'"):
+    train_lib.train_and_evaluate(changed, workdir)
+  # Past the saved-config check (e.g. config.json lost): the restore itself names the mismatch and rejects nothing.
+  _, state, shardings = train_lib.create_train_state(changed, sharding.make_mesh(2, 4))
+  ckpt = checkpoints.Checkpointer(workdir, keep=3)
+  with pytest.raises(checkpoints.ConfigMismatchError, match=r"is float32 in the checkpoint but bfloat16 from the "
+                                                           r"config; resume with the model\.param_dtype"):
+    integrity.restore_latest_good(ckpt, state, shardings)
+  ckpt.close()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  assert not os.path.exists(os.path.join(workdir, integrity.REJECTED))
+
+
 def test_workdir_lock_refuses_a_second_process_and_takes_over_a_stale_one(trained, tmp_path, capsys):
   config, _ = trained
   workdir = str(tmp_path / "locked")

@@ -177,6 +177,16 @@ def test_upcycled_run_on_another_mesh_saves_step_0_then_trains(dense_run, tmp_pa
   assert train_lib.train_and_evaluate(config, run)["step"] == 4
 
 
+def _word_tokenizer(folder):
+  """A two-word tokenizer.json (only its identity matters here)."""
+  from tokenizers import Tokenizer, models
+  path = str(folder / "tokenizer.json")
+  Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(path)
+  with open(folder / "config.json", "w") as f:
+    json.dump({"eos_token_id": 1}, f)
+  return path
+
+
 def test_upcycling_errors_are_one_line_before_compiling(dense_run, tmp_path, monkeypatch):
   _, workdir, data_tmp = dense_run
   compiled = []
@@ -191,6 +201,8 @@ def test_upcycling_errors_are_one_line_before_compiling(dense_run, tmp_path, mon
       (dict(init_from=workdir, model=dict(vocab_size=300)), "model.vocab_size=300 here but 259"),
       (dict(init_from=workdir, moe=dict(expert_dim=32)), "moe.expert_dim=32 must equal the dense model.d_ff=64"),
       (dict(init_from=os.path.join(workdir, "checkpoints", "5")), "checkpoints/5' does not exist"),
+      (dict(init_from=workdir, data=dict(tokenizer=_word_tokenizer(tmp_path))),
+       r"data.tokenizer='.*tokenizer.json' here but 'byte' in the dense run"),
   ]
   for overrides, message in cases:
     config = _tiny(data_tmp, (2, 4), dense=False, steps=1)

@@ -34,6 +34,10 @@ def architecture_fields(cfg: schema.RunConfig) -> dict[str, Any]:
   out = {f"model.{n}": getattr(cfg.model, n) for n in fields.names_of_kind(schema.ModelConfig, fields.ARCHITECTURE)}
   if cfg.model.num_moe_layers:
     out.update({f"moe.{n}": getattr(cfg.moe, n) for n in fields.names_of_kind(schema.MoEConfig, fields.ARCHITECTURE)})
+  # Not parameter shapes, but a resume under another value reads the checkpoints wrongly: the stored dtype, and the
+  # token ids the data iterator's state and the embeddings refer to.
+  out["model.param_dtype"] = cfg.model.param_dtype
+  out["data.tokenizer"] = cfg.data.tokenizer
   return out
 
 

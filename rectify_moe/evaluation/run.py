@@ -234,7 +234,9 @@ def evaluate_checkpoint(config: Optional[Any], workdir: str, *, step: Optional[i
   if init_from:
     cfg = _import_config(config, init_from)
     paths = Workdir(workdir or hf_config.hf_dir(init_from))
-    write = write and bool(output_dir or workdir)
+    if write and not (output_dir or workdir):
+      log("note: no --output_dir or --workdir, so the results are printed and not written.")
+      write = False
   elif not os.path.isdir(workdir or ""):
     raise EvalError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
   elif config is None:

@@ -85,6 +85,7 @@ def export(params: dict[str, Any], model: schema.ModelConfig, out_dir: str, *, s
   config = hf_config.to_hf(dataclasses.replace(model, moe_every=0), base=base, dtype=dtype)
   if model.num_moe_layers:
     config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=moe.num_experts,
+                  intermediate_size=moe.expert_dim,
                   num_experts_per_tok=moe.top_k, sliding_window=None, output_router_logits=False)
     config.pop("attention_bias", None), config.pop("mlp_bias", None)
   with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -34,7 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from rectify_moe import model as model_lib
-from rectify_moe import moe as moe_lib
 from rectify_moe.config import schema
 from rectify_moe.config.fields import ConfigError
 
@@ -133,7 +132,6 @@ def load(directory: str, model: schema.ModelConfig, mesh: jax.sharding.Mesh, *, 
     raise ConfigError(f"{files[unused[0]]}: tensor {unused[0]!r} has no place in the model of config.json "
                       f"({len(unused)} such); is config.json from the same checkpoint?")
   _, abstract = _abstract_dense(model, mesh)
-  dtype = moe_lib.DTYPES[model.param_dtype]
   out: dict[Any, Any] = {}
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(safe_open(path, framework="np")) for path in sorted(set(files.values()))}
@@ -147,13 +145,14 @@ def load(directory: str, model: schema.ModelConfig, mesh: jax.sharding.Mesh, *, 
       if file_dtype not in FLOAT_DTYPES:
         raise ConfigError(f"{files[name]}: tensor {name!r} has dtype {file_dtype}; only float weights "
                           f"({', '.join(FLOAT_DTYPES)}) load (quantized checkpoints do not).")
-      shape = tuple(_leaf_at(abstract, path).shape)
+      leaf = _leaf_at(abstract, path)
+      shape, leaf_dtype = tuple(leaf.shape), np.dtype(leaf.dtype)  # norms stay float32 under a bf16 param_dtype
       if _expected_shape(file_shape, transposed) != shape:
         raise ConfigError(f"{files[name]}: tensor {name!r} has shape {file_shape}, but config.json gives "
                           f"{_expected_shape(shape, transposed)}; the weights and config.json disagree.")
       sharding = _sharding_at(shardings, path, mesh)
 
-      def read(index, tensor=tensor, transposed=transposed):
+      def read(index, tensor=tensor, transposed=transposed, shape=shape, dtype=leaf_dtype):
         index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
         block = tensor[tuple(reversed(index)) if transposed else index]
         return np.asarray(block.T if transposed else block, dtype=dtype)  # no copy when the dtype matches
