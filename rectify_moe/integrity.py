@@ -22,12 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rectify_moe import distributed, log
+from rectify_moe import checkpoints, distributed, log
+from rectify_moe.checkpoints import INTEGRITY
 from rectify_moe.workdir import Workdir
 
-INTEGRITY = "integrity"
 REJECTED = "checkpoints_rejected"
-ARRAY_ITEMS = ("model", "optimizer")
+ARRAY_ITEMS = (checkpoints.MODEL, checkpoints.OPTIMIZER)
 
 
 class CorruptCheckpointError(Exception):
@@ -127,7 +127,6 @@ def reject_steps(checkpointer: Any, steps: list[int]) -> list[str]:
 
 def verify_restore(checkpointer: Any, step: int, state: Any, state_shardings: Any) -> tuple[Any, dict]:
   """Restores `step` after checking its files, then checks finite values and the stored checksum."""
-  from rectify_moe import checkpoints  # local: checkpoints is the lower layer
   step_dir = checkpointer.workdir.checkpoint(step)
   error = None
   try:
@@ -166,7 +165,6 @@ def restore_latest_good(checkpointer: Any, state: Any, state_shardings: Any
   Raises:
     CorruptCheckpointError: there were checkpoints, and none passes.
   """
-  from rectify_moe import checkpoints
   checkpoints.drop_closed_loop_errors()
   steps = checkpointer.all_steps()
   rejected = []

@@ -306,6 +306,16 @@ def route_top_k(router_probs: Array, *, top_k: int, capacity: int, priority: str
   else:
     combine_weight = accepted_gate
 
+  return table_from_slots(expert_index, gate, slot, combine_weight, valid, num_experts=num_experts,
+                          capacity=capacity, top_k=top_k, num_choices=num_choices, priority=priority, fill_in=fill_in)
+
+
+def table_from_slots(expert_index: Array, gate: Array, slot: Array, combine_weight: Array, valid: Array, *,
+                     num_experts: int, capacity: int, top_k: int, num_choices: int, priority: str,
+                     fill_in: bool = False) -> RoutingTable:
+  """The `RoutingTable` of ranked choices placed in slots (slot -1: not accepted): its dispatch and combine masks
+  and stats. expert_index, slot: int32[G, S, K]; gate, combine_weight: float32[G, S, K]; valid: bool[G, S]."""
+  accepted = slot >= 0
   # Shape: [G, S, K, E] and [G, S, K, C]; one_hot(-1) is an all-zero row, so rejected choices vanish.
   expert_onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
   slot_onehot = jax.nn.one_hot(slot, capacity, dtype=jnp.float32)

@@ -104,23 +104,20 @@ def _check_hf_source(cfg: schema.RunConfig, directory: str) -> Source:
   fields = hf_config.model_fields(hf_config.read(directory), path)
   dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields), init_from="")
   hf_weights.tensor_files(directory)  # a missing weight file or shard is one line now
-  if cfg.model.num_moe_layers:
-    _check_shared(cfg, dense, directory)
-  else:
-    for name in SHARED_MODEL_FIELDS:
-      if getattr(cfg.model, name) != getattr(dense.model, name):
-        raise ConfigError(f"init_from: model.{name}={getattr(cfg.model, name)!r} here but "
-                          f"{getattr(dense.model, name)!r} in {path}; drop the override.")
+  _check_shared(cfg, dense, directory)
   return Source(workdir=directory, step=0, config=dense, hf_dir=directory)
 
 
 def _check_shared(cfg: schema.RunConfig, dense: schema.RunConfig, where: str) -> None:
-  """The MoE run's shared model fields and experts against the dense model (one-line ConfigError)."""
+  """The run's shared model fields (and, for an MoE run, its experts) against the dense model (one-line
+  ConfigError)."""
   for name in SHARED_MODEL_FIELDS:
     mine, theirs = getattr(cfg.model, name), getattr(dense.model, name)
     if mine != theirs:
       raise ConfigError(f"init_from: model.{name}={mine!r} here but {theirs!r} in the dense run ({where}); set "
                         f"--config.model.{name}={theirs!r}.")
+  if not cfg.model.num_moe_layers:  # a dense run starting from the imported model: nothing to copy into experts
+    return
   if cfg.moe.expert_dim != dense.model.d_ff:
     raise ConfigError(f"init_from: moe.expert_dim={cfg.moe.expert_dim} must equal the dense model.d_ff="
                       f"{dense.model.d_ff} (every expert is a copy of the dense FFN); set "

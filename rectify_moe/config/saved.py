@@ -29,29 +29,39 @@ def load(path: str, fix: str = "restore it or use a new --workdir") -> Optional[
                       f"{fix}.") from None
 
 
-def architecture_fields(cfg: schema.RunConfig) -> dict[str, Any]:
-  """{'model.d_model': 128, ...}: the fields that fix the parameters (MoE ones only for a model with MoE layers)."""
+def architecture_fields(cfg: schema.RunConfig, with_moe: bool = False) -> dict[str, Any]:
+  """{'model.d_model': 128, ...}: the fields that fix the parameters (MoE ones for a model with MoE layers, or
+  always with `with_moe`)."""
   out = {f"model.{n}": getattr(cfg.model, n) for n in fields.names_of_kind(schema.ModelConfig, fields.ARCHITECTURE)}
-  if cfg.model.num_moe_layers:
+  if cfg.model.num_moe_layers or with_moe:
     out.update({f"moe.{n}": getattr(cfg.moe, n) for n in fields.names_of_kind(schema.MoEConfig, fields.ARCHITECTURE)})
-  # Not parameter shapes, but a resume under another value reads the checkpoints wrongly: the stored dtype, and the
-  # token ids the data iterator's state and the embeddings refer to.
-  out["model.param_dtype"] = cfg.model.param_dtype
-  out["data.tokenizer"] = cfg.data.tokenizer
   return out
 
 
+def resume_fields(cfg: schema.RunConfig) -> dict[str, Any]:
+  """The architecture fields, and those that are not parameter shapes but that a resume under another value would
+  read the checkpoints wrongly with: the stored dtype, and the token ids the data iterator's state and the
+  embeddings refer to."""
+  return {**architecture_fields(cfg), "model.param_dtype": cfg.model.param_dtype,
+          "data.tokenizer": cfg.data.tokenizer}
+
+
+def first_difference(now: dict[str, Any], before: dict[str, Any]) -> Optional[str]:
+  """The first field (in `now`'s order, then `before`'s) whose values differ, or None."""
+  return next((n for n in [*now, *(n for n in before if n not in now)] if now.get(n) != before.get(n)), None)
+
+
 def check_unchanged(cfg: schema.RunConfig, path: str) -> None:
-  """Raises ConfigError at the first architecture field that differs from the config saved at `path`."""
+  """Raises ConfigError at the first resume field (`resume_fields`) that differs from the config saved at `path`."""
   saved = load(path)
   if saved is None:
     return
-  now, before = architecture_fields(cfg), architecture_fields(saved)
-  for name in sorted(set(now) | set(before), key=lambda n: list(now).index(n) if n in now else len(now)):
-    if now.get(name) != before.get(name):
-      raise ConfigError(f"{name}={now.get(name)!r} but this workdir's checkpoints have {name}="
-                        f"{before.get(name)!r} ({path}); use a new --workdir for another architecture, or "
-                        f"{name}={before.get(name)!r} to resume.")
+  now, before = resume_fields(cfg), resume_fields(saved)
+  name = first_difference(now, before)
+  if name is not None:
+    raise ConfigError(f"{name}={now.get(name)!r} but this workdir's checkpoints have {name}="
+                      f"{before.get(name)!r} ({path}); use a new --workdir for another architecture, or "
+                      f"{name}={before.get(name)!r} to resume.")
 
 
 def write(cfg: schema.RunConfig, mesh_shape: tuple[int, int], path: str) -> None:

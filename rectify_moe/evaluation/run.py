@@ -35,12 +35,12 @@ from rectify_moe.log import one_line
 from rectify_moe import data as data_lib
 from rectify_moe import model as model_lib
 from rectify_moe import moe as moe_lib
-from rectify_moe.config import fields, schema
+from rectify_moe.config import fields, saved, schema
 from rectify_moe.evaluation import report
 from rectify_moe.evaluation.evaluator import Evaluator
 from rectify_moe.hf import config as hf_config
 from rectify_moe.hf import weights as hf_weights
-from rectify_moe.evaluation.swaps import ARCHITECTURE_FIELDS, ROUTING_FIELDS, EvalError, eval_capacity_factor, \
+from rectify_moe.evaluation.swaps import ROUTING_FIELDS, EvalError, eval_capacity_factor, \
     router_specs
 from rectify_moe.workdir import Workdir
 
@@ -67,13 +67,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def check_architecture(config: schema.RunConfig, run_config: schema.RunConfig,
                        run_config_path: str = "config.json") -> None:
   """Raises EvalError naming the first architecture field where `config` and the run's config differ."""
-  for section, names in ARCHITECTURE_FIELDS.items():
-    for name in names:
-      given, trained = getattr(getattr(config, section), name), getattr(getattr(run_config, section), name)
-      if given != trained:
-        raise EvalError(f"--config does not match the checkpoint: {section}.{name}={given!r} in --config but "
-                        f"{trained!r} in the run that wrote it ({run_config_path}). Fix {section}.{name} or "
-                        "omit --config to use the run's own config.")
+  given, trained = saved.architecture_fields(config, True), saved.architecture_fields(run_config, True)
+  name = saved.first_difference(given, trained)
+  if name is not None:
+    raise EvalError(f"--config does not match the checkpoint: {name}={given[name]!r} in --config but "
+                    f"{trained[name]!r} in the run that wrote it ({run_config_path}). Fix {name} or "
+                    "omit --config to use the run's own config.")
 
 
 def _parse(config: Any) -> schema.RunConfig:

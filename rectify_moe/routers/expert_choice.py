@@ -67,21 +67,10 @@ def expert_choice_table(probs: Array, token_mask: Array, capacity: int, top_k: i
   _, expert_index = jax.lax.top_k(jax.lax.stop_gradient(probs), num_experts)
   expert_index = expert_index.astype(jnp.int32)
   slot = jnp.take_along_axis(slots, expert_index, axis=-1)
-  accepted = slot >= 0
   gate = routing.select(probs, expert_index)
-  combine_weight = gate * accepted
-  # Shape: [G, S, K, E] and [G, S, K, C]
-  expert_onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
-  slot_onehot = jax.nn.one_hot(slot, capacity, dtype=jnp.float32)
-  # Shape: [G, S, E, C] = einsum("gske,gskc->gsec")
-  dispatch = jnp.einsum("gske,gskc->gsec", expert_onehot, slot_onehot) > 0
-  # Shape: [G, S, E, C] = einsum("gsk,gske,gskc->gsec")
-  combine = jnp.einsum("gsk,gske,gskc->gsec", combine_weight, expert_onehot, slot_onehot)
-  stats = routing._routing_stats(expert_onehot, accepted, valid, top_k=top_k, capacity=capacity, fill_in=False)
-  return routing.RoutingTable(expert_index=expert_index, gate=gate, slot=slot, combine_weight=combine_weight,
-                              dispatch=dispatch, combine=combine, token_mask=valid, stats=stats,
-                              num_experts=num_experts, capacity=capacity, top_k=top_k, num_choices=num_experts,
-                              priority="expert_choice")
+  return routing.table_from_slots(expert_index, gate, slot, gate * (slot >= 0), valid, num_experts=num_experts,
+                                  capacity=capacity, top_k=top_k, num_choices=num_experts,
+                                  priority="expert_choice")
 
 
 class ExpertChoiceRouter(base.Router):
